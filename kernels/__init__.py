@@ -1,0 +1,1 @@
+"""Triton kernels of svdkern (installed as `svdkern.kernels`)."""

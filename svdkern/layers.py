@@ -1,0 +1,306 @@
+"""`SVDLinear` and `SVDConv2d`: layers whose weight is held and trained as `U diag(s) V^T`.
+
+Both keep the factors as parameters `U`, `s`, `V` (per group for convs) and still expose
+`weight` (the dense weight, computed on read) and the attributes of the dense layer they
+replace, so third-party code that inspects layers keeps working. No SVD is taken while
+training; one is taken only to build a layer from a dense weight.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from . import ops, reference
+from .reference import SCHEMES, ConvSpec
+
+
+class SVDLayer(nn.Module):
+    """Common state of the SVD layers: factors `U`, `s`, `V`, an optional bias, a name.
+
+    Subclasses define `_grouped` shapes: `grouped_factors()` always returns 3-D `U`
+    (g, rows, r), 2-D `s` (g, r) and 3-D `V` (g, cols, r), whatever the stored layout.
+    """
+
+    layer_name: str
+
+    def _init_factors(self, matrix: Tensor, bias: Tensor | None, rank: int | None) -> None:
+        rows, cols = matrix.shape[-2:]
+        if rank is not None and not (isinstance(rank, int) and 1 <= rank <= min(rows, cols)):
+            raise ValueError(f"{self.layer_name}: rank {rank!r} out of range "
+                             f"[1, {min(rows, cols)}] for a {rows}x{cols} weight matrix")
+        _check_finite(self.layer_name, "weight", matrix)
+        U, s, V = reference.svd_factors(matrix, rank)
+        self.U = nn.Parameter(self._from_grouped(U))
+        self.s = nn.Parameter(self._from_grouped(s))
+        self.V = nn.Parameter(self._from_grouped(V))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    # Layout adapters: SVDLinear stores 2-D factors, SVDConv2d stores them per group.
+    def _from_grouped(self, t: Tensor) -> Tensor:
+        return t
+
+    def _to_grouped(self, t: Tensor) -> Tensor:
+        return t
+
+    @property
+    def rank(self) -> int:
+        """Current rank r (per group for grouped convs)."""
+        return self.s.shape[-1]
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the (per-group) weight matrix `U diag(s) V^T`."""
+        return self.U.shape[-2], self.V.shape[-2]
+
+    @property
+    def num_groups(self) -> int:
+        return self._to_grouped(self.s).shape[0]
+
+    def grouped_factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Factors as (g, rows, r), (g, r), (g, cols, r) views."""
+        return self._to_grouped(self.U), self._to_grouped(self.s), self._to_grouped(self.V)
+
+    def factor_matrices(self) -> Iterator[Tensor]:
+        """Every 2-D `U` and `V` of the layer (one pair per group), for the orthogonality term."""
+        U, _, V = self.grouped_factors()
+        for g in range(U.shape[0]):
+            yield U[g]
+            yield V[g]
+
+    def singular_values(self) -> Iterator[Tensor]:
+        """Every singular-value vector of the layer (one per group), for the sparsity term."""
+        yield from self._to_grouped(self.s).unbind(0)
+
+    def set_factors(self, U: Tensor, s: Tensor, V: Tensor) -> None:
+        """Replace the factors (grouped layout) in place, keeping the Parameter objects so
+        optimizers and hooks that hold them stay attached; gradients are dropped."""
+        for param, value in ((self.U, U), (self.s, s), (self.V, V)):
+            param.data = self._from_grouped(value.detach().to(param.dtype)).contiguous()
+            param.grad = None
+
+    def select_ranks(self, t: Tensor, index: Tensor) -> Tensor:
+        """Keep, along the rank axis of `t` (shaped like `U`, `s` or `V`), the per-group
+        ranks `index` (g, k). Used by pruning on the factors and on optimizer state alike."""
+        tg = self._to_grouped(t)
+        idx = index.to(tg.device).view(index.shape[0], *([1] * (tg.dim() - 2)), index.shape[1])
+        return self._from_grouped(torch.gather(tg, -1, idx.expand(*tg.shape[:-1], idx.shape[-1])))
+
+    def dense_params(self) -> int:
+        rows, cols = self.matrix_shape
+        return self.num_groups * rows * cols + _numel(self.bias)
+
+    def svd_params(self) -> int:
+        return self.U.numel() + self.s.numel() + self.V.numel() + _numel(self.bias)
+
+    def worth_factorizing(self) -> bool:
+        """SPEC rule: keep factorized only while `r (m + n) < m n`."""
+        rows, cols = self.matrix_shape
+        return self.rank * (rows + cols) < rows * cols
+
+    def check_finite(self) -> None:
+        """Raise a ValueError naming the layer if any factor holds NaN or Inf."""
+        for pname in ("U", "s", "V"):
+            _check_finite(self.layer_name, pname, getattr(self, pname))
+
+    def _check_input(self, x: Tensor, expected_dims: tuple[int, ...], feature_dim: int,
+                     features: int) -> None:
+        if not torch.is_floating_point(x):
+            raise TypeError(f"{self.layer_name}: expected a floating-point input, got {x.dtype}")
+        if x.device != self.U.device:
+            raise ValueError(f"{self.layer_name}: input on {x.device} but weights on {self.U.device}")
+        if x.dim() not in expected_dims or x.shape[feature_dim] != features:
+            raise ValueError(f"{self.layer_name}: expected input with {features} features at dim "
+                             f"{feature_dim}, got shape {tuple(x.shape)}")
+        if x.dtype != self.U.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{self.layer_name}: input dtype {x.dtype} differs from weight dtype "
+                            f"{self.U.dtype} (cast one, or run under torch.autocast)")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Adopt the checkpoint's rank, so a pruned model's state_dict loads into a model of
+        the same architecture at any rank (no size mismatch)."""
+        keys = [prefix + k for k in ("U", "s", "V")]
+        if all(k in state_dict for k in keys):
+            U, s, V = (state_dict[k] for k in keys)
+            if self._consistent_shapes(U, s, V):
+                for pname, value in zip(("U", "s", "V"), (U, s, V)):
+                    param = getattr(self, pname)
+                    param.data = param.data.new_empty(value.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _consistent_shapes(self, U: Tensor, s: Tensor, V: Tensor) -> bool:
+        """Whether (U, s, V) are this layer's factors at some rank r >= 1."""
+        if U.dim() != self.U.dim() or s.dim() != self.s.dim() or V.dim() != self.V.dim():
+            return False
+        r = s.shape[-1]
+        rows, cols = self.matrix_shape
+        return (r >= 1 and U.shape[:-1] == self.U.shape[:-1] and V.shape[:-1] == self.V.shape[:-1]
+                and s.shape[:-1] == self.s.shape[:-1] and U.shape[-1] == r == V.shape[-1]
+                and r <= min(rows, cols))
+
+
+class SVDLinear(SVDLayer):
+    """Linear layer `y = x V diag(s) U^T + b` with `U` (out, r), `s` (r,), `V` (in, r).
+
+    Built from scratch it takes the SVD of `nn.Linear`'s default initialization, so `U`, `V`
+    start orthonormal and `s` follows that initialization's spectrum.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 rank: int | None = None, device=None, dtype=None, *,
+                 name: str = "SVDLinear", _dense: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.layer_name = name
+        self.in_features = in_features
+        self.out_features = out_features
+        dense = _dense if _dense is not None else nn.Linear(
+            in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_factors(dense.weight, dense.bias, rank)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear, rank: int | None = None,
+                   name: str = "SVDLinear") -> "SVDLinear":
+        """Exact SVD form of a trained `nn.Linear` (truncated if `rank` is given)."""
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"{name}: expected nn.Linear, got {type(layer).__name__}")
+        return cls(layer.in_features, layer.out_features, layer.bias is not None, rank,
+                   name=name, _dense=layer)
+
+    def _from_grouped(self, t: Tensor) -> Tensor:
+        return t.squeeze(0)
+
+    def _to_grouped(self, t: Tensor) -> Tensor:
+        return t.unsqueeze(0)
+
+    @property
+    def weight(self) -> Tensor:
+        """Dense weight (out, in), differentiable, recomputed on every read."""
+        return reference.materialize(self.U, self.s, self.V)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x, tuple(range(1, 9)), -1, self.in_features)
+        return ops.svd_linear(x, self.U, self.s, self.V, self.bias)
+
+    def flops(self, in_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(factorized, dense) FLOPs per input row."""
+        return 2 * self.rank * (self.in_features + self.out_features), \
+            2 * self.in_features * self.out_features
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.bias is not None}")
+
+
+class SVDConv2d(SVDLayer):
+    """Conv2d held as per-group factors `U` (g, rows, r), `s` (g, r), `V` (g, cols, r).
+
+    `scheme="channel"`: each group's weight is the (n/g) x (c/g*kh*kw) matrix and the layer
+    runs as a kh x kw conv of g*r filters then a 1x1 conv. `scheme="spatial"`: the
+    (n/g*kw) x (c/g*kh) matrix, run as a kh x 1 conv then a 1 x kw conv. Grouped and
+    depthwise convs keep one matrix per group, all at the same rank.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 scheme: str = "channel", rank: int | None = None, device=None, dtype=None, *,
+                 name: str = "SVDConv2d", _dense: nn.Conv2d | None = None) -> None:
+        super().__init__()
+        self.layer_name = name
+        if scheme not in SCHEMES:
+            raise ValueError(f"{name}: unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        dense = _dense if _dense is not None else nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device=device, dtype=dtype)
+        kernel = _pair(dense.kernel_size)
+        dil = _pair(dense.dilation)
+        self.spec = ConvSpec(dense.in_channels, dense.out_channels, kernel, _pair(dense.stride),
+                             _explicit_padding(name, dense.padding, kernel, dil, _pair(dense.stride)),
+                             dil, dense.groups, dense.padding_mode, scheme)
+        matrix = reference.conv_weight_to_matrix(dense.weight.detach(), self.spec)
+        self._init_factors(matrix, dense.bias, rank)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, scheme: str = "channel", rank: int | None = None,
+                   name: str = "SVDConv2d") -> "SVDConv2d":
+        """Exact SVD form of a trained `nn.Conv2d` (truncated if `rank` is given)."""
+        if not isinstance(layer, nn.Conv2d):
+            raise TypeError(f"{name}: expected nn.Conv2d, got {type(layer).__name__}")
+        return cls(layer.in_channels, layer.out_channels, layer.kernel_size, scheme=scheme,
+                   rank=rank, name=name, _dense=layer)
+
+    # nn.Conv2d's attributes, read from the spec so there is one source of truth.
+    in_channels = property(lambda self: self.spec.in_channels)
+    out_channels = property(lambda self: self.spec.out_channels)
+    kernel_size = property(lambda self: self.spec.kernel_size)
+    stride = property(lambda self: self.spec.stride)
+    padding = property(lambda self: self.spec.padding)
+    dilation = property(lambda self: self.spec.dilation)
+    groups = property(lambda self: self.spec.groups)
+    padding_mode = property(lambda self: self.spec.padding_mode)
+    scheme = property(lambda self: self.spec.scheme)
+
+    @property
+    def weight(self) -> Tensor:
+        """Dense conv weight (out, in/groups, kh, kw), differentiable, recomputed on read."""
+        return reference.conv_weight(self.U, self.s, self.V, self.spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x, (3, 4), -3, self.in_channels)
+        return ops.svd_conv2d(x, self.U, self.s, self.V, self.bias, self.spec)
+
+    def output_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        return tuple(  # type: ignore[return-value]
+            (size + 2 * p - d * (k - 1) - 1) // st + 1
+            for size, p, d, k, st in zip(in_hw, self.padding, self.dilation, self.kernel_size,
+                                         self.stride))
+
+    def flops(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        """(factorized, dense) FLOPs per image of input spatial size `in_hw`."""
+        (h_out, w_out), (kh, kw) = self.output_hw(in_hw), self.kernel_size
+        g, r = self.num_groups, self.rank
+        c_g, n = self.in_channels // g, self.out_channels
+        dense = 2 * n * c_g * kh * kw * h_out * w_out
+        if self.scheme == "channel":
+            svd = 2 * g * r * c_g * kh * kw * h_out * w_out + 2 * n * r * h_out * w_out
+        else:  # the first conv keeps the full padded-free input width
+            svd = 2 * g * r * c_g * kh * h_out * in_hw[1] + 2 * n * r * kw * h_out * w_out
+        return svd, dense
+
+    def extra_repr(self) -> str:
+        sp = self.spec
+        return (f"{sp.in_channels}, {sp.out_channels}, kernel_size={sp.kernel_size}, "
+                f"stride={sp.stride}, padding={sp.padding}, dilation={sp.dilation}, "
+                f"groups={sp.groups}, scheme={sp.scheme}, rank={self.rank}, "
+                f"bias={self.bias is not None}")
+
+
+def svd_layers(model: nn.Module) -> list[tuple[str, SVDLayer]]:
+    """All SVD layers of `model` with their qualified names, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SVDLayer)]
+
+
+def _explicit_padding(name: str, padding, kernel, dilation, stride) -> tuple[int, int]:
+    """nn.Conv2d's padding as explicit (ph, pw); 'same' only where it is symmetric."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        if any(t % 2 for t in total) or stride != (1, 1):
+            raise ValueError(f"{name}: padding='same' with an even receptive field is asymmetric "
+                             "and cannot be split into two convs; use explicit padding")
+        return (total[0] // 2, total[1] // 2)
+    return _pair(padding)
+
+
+def _check_finite(name: str, what: str, t: Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: {what} contains NaN or Inf")
+
+
+def _numel(t: Tensor | None) -> int:
+    return 0 if t is None else t.numel()

@@ -1,0 +1,74 @@
+"""`prune`: drop singular values by the energy rule and physically shrink U, s, V."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .layers import SVDLayer, svd_layers
+from .reference import energy_keep_count
+
+
+@dataclass(frozen=True)
+class PruneRecord:
+    """What pruning did to one layer."""
+
+    name: str
+    shape: tuple[int, int]
+    rank_before: int
+    rank_after: int
+    energy_kept: float
+
+
+def prune(model: nn.Module, energy: float,
+          optimizer: torch.optim.Optimizer | None = None) -> list[PruneRecord]:
+    """Prune every SVD layer of `model` in place by the energy rule (SPEC section 1):
+    drop the smallest `s_j^2` while the dropped energy is `<= energy * sum s_j^2`, keeping at
+    least rank 1. Grouped convs keep, in every group, the largest rank any group needs.
+
+    The Parameter objects are kept (their data shrinks), so an optimizer built before still
+    holds them; pass it as `optimizer` and its per-parameter state (Adam moments, momentum)
+    is sliced to the surviving ranks too. Without it, stale state of the old shape breaks
+    the next step: rebuild the optimizer then. Everything is checked before anything changes.
+    """
+    if not (isinstance(energy, (int, float)) and 0 <= energy < 1):
+        raise ValueError(f"prune: energy must be in [0, 1), got {energy!r}")
+    layers = svd_layers(model)
+    if not layers:
+        raise ValueError("prune: the model has no SVD layers (call svdkern.decompose first)")
+    plans = []
+    for name, layer in layers:
+        layer.check_finite()
+        plans.append((name, layer, keep_index(layer._to_grouped(layer.s), energy)))
+    records = []
+    for name, layer, index in plans:
+        records.append(_record(name, layer, index))
+        _apply(layer, index, optimizer)
+    return records
+
+
+def keep_index(s: Tensor, energy: float) -> Tensor:
+    """Per-group indices (g, k) of the ranks kept, in their original order."""
+    k = max(energy_keep_count(group, energy) for group in s)
+    top = torch.topk(s.detach().abs(), k, dim=-1).indices
+    return torch.sort(top, dim=-1).values
+
+
+def _record(name: str, layer: SVDLayer, index: Tensor) -> PruneRecord:
+    s = layer._to_grouped(layer.s).detach().double()
+    kept = torch.gather(s, -1, index.to(s.device)).pow(2).sum()
+    total = s.pow(2).sum()
+    return PruneRecord(name, layer.matrix_shape, layer.rank, index.shape[-1],
+                       float(kept / total) if total > 0 else 1.0)
+
+
+def _apply(layer: SVDLayer, index: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    for param in (layer.U, layer.s, layer.V):
+        state = optimizer.state.get(param, {}) if optimizer is not None else {}
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.shape == param.shape:
+                state[key] = layer.select_ranks(value, index)
+    layer.set_factors(*(layer._to_grouped(layer.select_ranks(p.data, index))
+                        for p in (layer.U, layer.s, layer.V)))

@@ -1,0 +1,190 @@
+"""Pure-PyTorch reference maths of SVD training (SPEC sections 1 and 3).
+
+This module is the ground truth: every Triton kernel is tested against it, and it is the
+path that runs anywhere (CPU, no Triton). Each formula lives here once; layers, export,
+pruning and the kernels' tests all call these functions rather than re-deriving them.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SCHEMES = ("channel", "spatial")
+
+
+# ----------------------------------------------------------------------------- linear
+def svd_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`y = x V diag(s) U^T + b` as the factorized chain (two GEMMs and a scale)."""
+    y = ((x @ V) * s) @ U.transpose(-1, -2)
+    return y if bias is None else y + bias
+
+
+def materialize(U: Tensor, s: Tensor, V: Tensor) -> Tensor:
+    """The dense matrix `U diag(s) V^T` (batched over leading dims, e.g. conv groups)."""
+    return (U * s.unsqueeze(-2)) @ V.transpose(-1, -2)
+
+
+# ----------------------------------------------------------------------------- conv
+class ConvSpec(NamedTuple):
+    """Geometry of a Conv2d held in SVD form; `padding` is explicit (ph, pw)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    padding_mode: str
+    scheme: str
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(rows, cols) of one group's weight matrix under this scheme."""
+        n_g = self.out_channels // self.groups
+        c_g = self.in_channels // self.groups
+        kh, kw = self.kernel_size
+        if self.scheme == "channel":
+            return n_g, c_g * kh * kw
+        return n_g * kw, c_g * kh
+
+
+def conv_weight_to_matrix(weight: Tensor, spec: ConvSpec) -> Tensor:
+    """Conv weight (n, c/g, kh, kw) -> per-group matrices (g, rows, cols) for `spec.scheme`."""
+    g = spec.groups
+    n, c_g, kh, kw = weight.shape
+    w = weight.reshape(g, n // g, c_g, kh, kw)
+    if spec.scheme == "channel":
+        return w.reshape(g, n // g, c_g * kh * kw)
+    # spatial: rows (n, j), columns (c, i)
+    return w.permute(0, 1, 4, 2, 3).reshape(g, (n // g) * kw, c_g * kh)
+
+
+def conv_matrix_to_weight(mat: Tensor, spec: ConvSpec) -> Tensor:
+    """Inverse of `conv_weight_to_matrix`: (g, rows, cols) -> (n, c/g, kh, kw)."""
+    g = spec.groups
+    n_g = spec.out_channels // g
+    c_g = spec.in_channels // g
+    kh, kw = spec.kernel_size
+    if spec.scheme == "channel":
+        return mat.reshape(g * n_g, c_g, kh, kw)
+    w = mat.reshape(g, n_g, kw, c_g, kh).permute(0, 1, 3, 4, 2)
+    return w.reshape(g * n_g, c_g, kh, kw)
+
+
+def conv_weight(U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec) -> Tensor:
+    """Dense conv weight of a factorized conv (`U`: (g, rows, r), `s`: (g, r), `V`: (g, cols, r))."""
+    return conv_matrix_to_weight(materialize(U, s, V), spec)
+
+
+def conv_chain_weights(U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec) -> tuple[Tensor, Tensor]:
+    """Weights of the two thin convs that compute the layer; `s` is folded into the second.
+
+    channel: first (g*r, c/g, kh, kw), second (n, r, 1, 1).
+    spatial: first (g*r, c/g, kh, 1), second (n, r, 1, kw).
+    """
+    g, _, r = U.shape
+    n_g = spec.out_channels // g
+    c_g = spec.in_channels // g
+    kh, kw = spec.kernel_size
+    Us = U * s.unsqueeze(-2)
+    if spec.scheme == "channel":
+        first = V.transpose(1, 2).reshape(g * r, c_g, kh, kw)
+        second = Us.reshape(g * n_g, r, 1, 1)
+    else:
+        first = V.transpose(1, 2).reshape(g * r, c_g, kh, 1)
+        second = Us.reshape(g, n_g, kw, r).permute(0, 1, 3, 2).reshape(g * n_g, r, 1, kw)
+    return first, second
+
+
+def conv_chain_geometry(spec: ConvSpec) -> tuple[dict, dict]:
+    """Keyword arguments (stride, padding, dilation) of the two thin convs of the chain."""
+    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    if spec.scheme == "channel":
+        return (dict(stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw)),
+                dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1)))
+    return (dict(stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1)),
+            dict(stride=(1, sw), padding=(0, pw), dilation=(1, dw)))
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, padding_mode: str,
+           stride, padding, dilation) -> Tensor:
+    """`F.conv2d` with nn.Conv2d's handling of non-zero padding modes."""
+    ph, pw = padding
+    if padding_mode != "zeros" and (ph or pw):
+        x = F.pad(x, (pw, pw, ph, ph), mode=padding_mode)
+        padding = (0, 0)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def svd_conv2d(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
+               spec: ConvSpec) -> Tensor:
+    """Factorized conv as the chain of two thin convs (SPEC section 1, layer forms)."""
+    first, second = conv_chain_weights(U, s, V, spec)
+    geo1, geo2 = conv_chain_geometry(spec)
+    h = conv2d(x, first, None, spec.groups, spec.padding_mode, **geo1)
+    return conv2d(h, second, bias, spec.groups, spec.padding_mode, **geo2)
+
+
+def svd_conv2d_materialized(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
+                            spec: ConvSpec) -> Tensor:
+    """Factorized conv computed by building the dense weight then one conv."""
+    return conv2d(x, conv_weight(U, s, V, spec), bias, spec.groups, spec.padding_mode,
+                  spec.stride, spec.padding, spec.dilation)
+
+
+# ----------------------------------------------------------------------------- regularizers
+def orthogonality_loss(mats: Sequence[Tensor]) -> Tensor:
+    """`sum_M ||M^T M - I||_F^2 / r^2` over 2-D matrices M (m x r)."""
+    total = None
+    for M in mats:
+        M = M.float() if M.dtype in (torch.float16, torch.bfloat16) else M
+        r = M.shape[-1]
+        gram = M.transpose(-1, -2) @ M
+        eye = torch.eye(r, dtype=M.dtype, device=M.device)
+        term = (gram - eye).pow(2).sum() / (r * r)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("orthogonality_loss: got no matrices")
+    return total
+
+
+def l1_loss(svals: Sequence[Tensor]) -> Tensor:
+    """`sum_l sum_j |s_j|` over singular-value vectors."""
+    if len(svals) == 0:
+        raise ValueError("l1_loss: got no singular-value vectors")
+    return sum(_fp32(s).abs().sum() for s in svals)
+
+
+def hoyer_loss(svals: Sequence[Tensor]) -> Tensor:
+    """`sum_l ||s_l||_1 / ||s_l||_2`: scale-invariant, shrinks the small singular values."""
+    if len(svals) == 0:
+        raise ValueError("hoyer_loss: got no singular-value vectors")
+    return sum(_fp32(s).abs().sum() / _fp32(s).pow(2).sum().sqrt() for s in svals)
+
+
+def _fp32(t: Tensor) -> Tensor:
+    """Regularizers accumulate in at least fp32."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+# ----------------------------------------------------------------------------- pruning
+def energy_keep_count(s: Tensor, energy: float) -> int:
+    """Ranks kept by the energy rule: drop the smallest `s_j^2` while the dropped energy
+    stays `<= energy * sum s_j^2`; keep at least one."""
+    e2 = s.detach().double().pow(2).flatten()
+    dropped = torch.cumsum(torch.sort(e2).values, 0)
+    removable = int((dropped <= energy * e2.sum()).sum())
+    return max(1, e2.numel() - removable)
+
+
+def svd_factors(mat: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Truncated SVD `mat ~ U diag(s) V^T` (batched), computed in float64 whatever the
+    input dtype (no bf16/fp16 SVD exists), returned in `mat`'s dtype; `V` is (..., cols, r)."""
+    U, s, Vh = torch.linalg.svd(mat.detach().to(torch.float64), full_matrices=False)
+    r = s.shape[-1] if rank is None else rank
+    cast = dict(dtype=mat.dtype)
+    return U[..., :r].to(**cast), s[..., :r].to(**cast), Vh[..., :r, :].transpose(-1, -2).to(**cast)

@@ -1,0 +1,63 @@
+"""`SVDRegularizer`: the orthogonality and sparsity terms of SVD training over a model."""
+from __future__ import annotations
+
+import math
+
+import torch.nn as nn
+from torch import Tensor
+
+from . import ops
+from .layers import svd_layers
+
+SPARSITY = {"hoyer": ops.hoyer_loss, "l1": ops.l1_loss, None: None}
+
+
+class SVDRegularizer:
+    """Calling it returns `ortho * sum L_o(U, V) + strength * sum L_s(s)` over every SVD
+    layer of `model` (SPEC section 1), a differentiable scalar to add to the task loss.
+
+    Layers are looked up at each call, so the regularizer follows pruning. `sparsity` may be
+    set to None later (fine-tuning) but a regularizer that adds nothing is an error.
+    """
+
+    def __init__(self, model: nn.Module, ortho: float = 1.0, sparsity: str | None = "hoyer",
+                 strength: float = 1e-3) -> None:
+        if sparsity not in SPARSITY:
+            raise ValueError(f"SVDRegularizer: sparsity must be 'hoyer', 'l1' or None, got {sparsity!r}")
+        for label, value in (("ortho", ortho), ("strength", strength)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"SVDRegularizer: {label} must be a finite number >= 0, got {value!r}")
+        if not svd_layers(model):
+            raise ValueError("SVDRegularizer: the model has no SVD layers (call svdkern.decompose "
+                             "first); the regularizer would add nothing")
+        self.model = model
+        self.ortho = float(ortho)
+        self.sparsity = sparsity
+        self.strength = float(strength)
+
+    def orthogonality(self) -> Tensor:
+        """Unweighted `sum L_o` over every U and V of the model."""
+        return ops.orthogonality_loss([M for _, layer in svd_layers(self.model)
+                                       for M in layer.factor_matrices()])
+
+    def sparsity_loss(self) -> Tensor:
+        """Unweighted `sum L_s` over every singular-value vector of the model."""
+        if self.sparsity is None:
+            raise ValueError("SVDRegularizer: sparsity is None")
+        return SPARSITY[self.sparsity]([s for _, layer in svd_layers(self.model)
+                                        for s in layer.singular_values()])
+
+    def __call__(self) -> Tensor:
+        active = self.sparsity is not None and self.strength > 0
+        if self.ortho == 0 and not active:
+            raise ValueError("SVDRegularizer: both terms are off (ortho=0 and no sparsity); "
+                             "the regularizer would add nothing")
+        total = self.ortho * self.orthogonality() if self.ortho else None
+        if active:
+            term = self.strength * self.sparsity_loss()
+            total = term if total is None else total + term
+        return total
+
+    def __repr__(self) -> str:
+        return (f"SVDRegularizer(ortho={self.ortho}, sparsity={self.sparsity!r}, "
+                f"strength={self.strength})")
