@@ -1,0 +1,71 @@
+"""Which implementation runs an op: the PyTorch reference or the Triton kernels.
+
+`SVDKERN_BACKEND=reference|triton|auto` (default auto) sets it for the process; `use()`
+overrides it in a block. `auto` takes Triton on CUDA tensors when Triton is installed and the
+reference elsewhere, silently. `triton` on CPU tensors runs the kernels through Triton's
+interpreter (`TRITON_INTERPRET=1`), which is how the tests exercise them without a GPU;
+asking for it where it cannot run is an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("reference", "triton", "auto")
+_override: list[str] = []
+
+
+def requested() -> str:
+    """The backend asked for: the innermost `use()` block, else SVDKERN_BACKEND, else auto."""
+    name = _override[-1] if _override else os.environ.get("SVDKERN_BACKEND", "auto").lower()
+    if name not in BACKENDS:
+        raise ValueError(f"SVDKERN_BACKEND={name!r}: expected one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Run the block with backend `name` ("reference", "triton" or "auto")."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
+    _override.append(name)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_can_run(device: torch.device) -> bool:
+    """Whether Triton kernels can run on tensors of `device` in this process."""
+    if not triton_installed():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+
+
+def resolve(device: torch.device) -> str:
+    """"reference" or "triton" for an op on `device`, per the requested backend."""
+    name = requested()
+    if name == "reference":
+        return "reference"
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_installed() else "reference"
+    if not triton_can_run(device):
+        why = ("Triton is not installed" if not triton_installed() else
+               f"tensors are on {device.type} (use CUDA, or set TRITON_INTERPRET=1 before "
+               "importing svdkern to run the kernels on CPU)")
+        raise RuntimeError(f"SVDKERN_BACKEND=triton cannot run: {why}")
+    return "triton"
