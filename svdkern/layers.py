@@ -28,6 +28,7 @@ class SVDLayer(nn.Module):
     layer_name: str
 
     def _init_factors(self, matrix: Tensor, bias: Tensor | None, rank: int | None) -> None:
+        """Factors from the per-group weight matrices `matrix` (g, rows, cols)."""
         rows, cols = matrix.shape[-2:]
         if rank is not None and not (isinstance(rank, int) and 1 <= rank <= min(rows, cols)):
             raise ValueError(f"{self.layer_name}: rank {rank!r} out of range "
@@ -160,7 +161,7 @@ class SVDLinear(SVDLayer):
         self.out_features = out_features
         dense = _dense if _dense is not None else nn.Linear(
             in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_factors(dense.weight, dense.bias, rank)
+        self._init_factors(dense.weight.detach().unsqueeze(0), dense.bias, rank)
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, rank: int | None = None,

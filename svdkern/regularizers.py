@@ -34,6 +34,12 @@ class SVDRegularizer:
         self.ortho = float(ortho)
         self.sparsity = sparsity
         self.strength = float(strength)
+        self._check_active()
+
+    def _check_active(self) -> None:
+        if self.ortho == 0 and (self.sparsity is None or self.strength == 0):
+            raise ValueError("SVDRegularizer: both terms are off (ortho=0 and no sparsity); "
+                             "the regularizer would add nothing")
 
     def orthogonality(self) -> Tensor:
         """Unweighted `sum L_o` over every U and V of the model."""
@@ -48,10 +54,8 @@ class SVDRegularizer:
                                         for s in layer.singular_values()])
 
     def __call__(self) -> Tensor:
+        self._check_active()
         active = self.sparsity is not None and self.strength > 0
-        if self.ortho == 0 and not active:
-            raise ValueError("SVDRegularizer: both terms are off (ortho=0 and no sparsity); "
-                             "the regularizer would add nothing")
         total = self.ortho * self.orthogonality() if self.ortho else None
         if active:
             term = self.strength * self.sparsity_loss()

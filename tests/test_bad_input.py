@@ -1,0 +1,51 @@
+"""Bad input gets a clear error naming the layer, and changes nothing."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import svdkern
+from svdkern import SVDConv2d, SVDLinear
+from helpers import small_cnn
+
+
+def test_forward_checks_name_the_layer():
+    model = svdkern.decompose(small_cnn())
+    with pytest.raises(ValueError, match=r"^0: expected input with 3 features"):
+        model(torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^0: input dtype torch.float32 differs"):
+        model(torch.randn(1, 3, 10, 8))
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.ones(1, 3, 10, 8, dtype=torch.long))
+    layer = model[6]
+    with pytest.raises(ValueError, match=r"^6: expected input with 90 features"):
+        layer(torch.randn(2, 91, dtype=torch.float64))
+
+
+def test_construction_errors():
+    with pytest.raises(ValueError, match="rank 9 out of range"):
+        SVDLinear(5, 4, rank=9)
+    with pytest.raises(ValueError, match="rank 0 out of range"):
+        SVDLinear(5, 4, rank=0)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        SVDConv2d(3, 4, 3, scheme="tucker")
+    with pytest.raises(ValueError, match="asymmetric"):
+        SVDConv2d(3, 4, 2, padding="same")
+    with pytest.raises(TypeError, match="expected nn.Linear"):
+        SVDLinear.from_dense(nn.Conv2d(3, 3, 1))
+
+
+def test_decompose_fails_atomically_on_non_finite_weights():
+    model = small_cnn()
+    with torch.no_grad():
+        model[4].weight[0, 0, 0, 0] = float("nan")
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="^4: weight contains NaN or Inf"):
+        svdkern.decompose(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
+
+
+def test_decompose_unknown_scheme():
+    with pytest.raises(ValueError, match="unknown scheme"):
+        svdkern.decompose(small_cnn(), scheme="vh")

@@ -1,0 +1,94 @@
+"""The energy rule on hand-built spectra, and prune() on models and optimizers."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import svdkern
+from svdkern import SVDConv2d, SVDLinear
+from svdkern.reference import energy_keep_count
+from helpers import rel_err, small_cnn
+
+
+@pytest.mark.parametrize("s, energy, kept", [
+    ([4.0, 3.0, 2.0, 1.0], 0.0, 4),          # nothing may be dropped
+    ([4.0, 3.0, 2.0, 1.0], 1 / 30, 3),       # drops 1 (energy 1 of 30, exactly at the bound)
+    ([4.0, 3.0, 2.0, 1.0], 0.03, 4),         # 1/30 > 0.03: keeps all
+    ([4.0, 3.0, 2.0, 1.0], 5 / 30, 2),       # drops 1 + 4
+    ([4.0, 3.0, 2.0, 1.0], 0.99, 1),         # keeps at least rank 1
+    ([1.0, -3.0, 0.0, 2.0], 0.08, 2),        # unsorted, signed: drops 0 and 1 (1/14 <= 0.08)
+    ([0.0, 0.0], 0.5, 1),                    # all-zero spectrum keeps rank 1
+])
+def test_energy_rule_on_hand_built_spectra(s, energy, kept):
+    assert energy_keep_count(torch.tensor(s), energy) == kept
+
+
+def _spectrum_layer(svals):
+    layer = SVDLinear(6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        layer.s.copy_(torch.tensor(svals, dtype=torch.float64))
+    return layer
+
+
+def test_prune_keeps_largest_and_matches_truncation():
+    layer = _spectrum_layer([5.0, 0.1, 4.0, 0.2, 3.0])
+    model = nn.Sequential(layer)
+    full = layer.weight.detach().clone()
+    kept_U = layer.U.detach()[:, [0, 2, 4]]
+    (record,) = svdkern.prune(model, energy=0.01)
+    assert (record.name, record.rank_before, record.rank_after) == ("0", 5, 3)
+    assert record.energy_kept == pytest.approx(50 / 50.05)
+    assert torch.equal(layer.s.detach(), torch.tensor([5.0, 4.0, 3.0], dtype=torch.float64))
+    assert torch.equal(layer.U.detach(), kept_U)
+    assert layer.U.shape == (5, 3) and layer.V.shape == (6, 3)
+    assert rel_err(layer.weight, full) == pytest.approx((0.05 / 50.05) ** 0.5)
+
+
+def test_prune_keeps_parameters_and_slices_optimizer_state():
+    layer = _spectrum_layer([5.0, 0.1, 4.0, 0.2, 3.0])
+    model = nn.Sequential(layer)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 6, dtype=torch.float64)).sum().backward()
+    opt.step()
+    U_param, exp_avg = layer.U, opt.state[layer.U]["exp_avg"].clone()
+    svdkern.prune(model, 0.01, optimizer=opt)
+    assert layer.U is U_param
+    assert torch.equal(opt.state[layer.U]["exp_avg"], exp_avg[:, [0, 2, 4]])
+    assert opt.state[layer.s]["exp_avg_sq"].shape == (3,)
+    model(torch.randn(2, 6, dtype=torch.float64)).sum().backward()
+    opt.step()  # the optimizer keeps working on the shrunk parameters
+
+
+def test_prune_grouped_conv_uses_common_rank():
+    conv = SVDConv2d(8, 8, 1, groups=2, dtype=torch.float64)
+    with torch.no_grad():
+        conv.s.copy_(torch.tensor([[3.0, 2.0, 1.0, 0.01], [3.0, 0.01, 0.02, 0.0]],
+                                  dtype=torch.float64))
+    svdkern.prune(nn.Sequential(conv), 0.05)
+    assert conv.rank == 3  # group 0 needs 3 ranks, so both keep 3
+    assert torch.equal(conv.s.detach()[1], torch.tensor([3.0, 0.01, 0.02], dtype=torch.float64))
+    assert conv(torch.randn(1, 8, 5, 5, dtype=torch.float64)).shape == (1, 8, 5, 5)
+
+
+@pytest.mark.parametrize("energy", [-0.1, 1.0, float("nan"), "0.1"])
+def test_bad_energy_is_an_error(energy):
+    with pytest.raises(ValueError, match="energy"):
+        svdkern.prune(svdkern.decompose(small_cnn()), energy)
+
+
+def test_non_finite_weights_leave_model_unchanged():
+    model = svdkern.decompose(small_cnn())
+    with torch.no_grad():
+        model[6].s[0] = float("nan")
+    ranks = [l.rank for _, l in svdkern.svd_layers(model)]
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="6: s contains NaN"):
+        svdkern.prune(model, 0.5)
+    assert ranks == [l.rank for _, l in svdkern.svd_layers(model)]
+    assert all(torch.equal(v, state[k]) or torch.isnan(v).any() for k, v in model.state_dict().items())
+
+
+def test_prune_without_svd_layers_is_an_error():
+    with pytest.raises(ValueError, match="no SVD layers"):
+        svdkern.prune(nn.Linear(3, 3), 0.1)
