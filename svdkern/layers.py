@@ -80,8 +80,7 @@ class SVDLayer(nn.Module):
         """Replace the factors (grouped layout) in place, keeping the Parameter objects so
         optimizers and hooks that hold them stay attached; gradients are dropped."""
         for param, value in ((self.U, U), (self.s, s), (self.V, V)):
-            param.data = self._from_grouped(value.detach().to(param.dtype)).contiguous()
-            param.grad = None
+            _replace_data(param, self._from_grouped(value.detach().to(param.dtype)).contiguous())
 
     def select_ranks(self, t: Tensor, index: Tensor) -> Tensor:
         """Keep, along the rank axis of `t` (shaped like `U`, `s` or `V`), the per-group
@@ -130,7 +129,8 @@ class SVDLayer(nn.Module):
             if self._consistent_shapes(U, s, V):
                 for pname, value in zip(("U", "s", "V"), (U, s, V)):
                     param = getattr(self, pname)
-                    param.data = param.data.new_empty(value.shape)
+                    if param.shape != value.shape:
+                        _replace_data(param, param.data.new_empty(value.shape))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -296,6 +296,13 @@ def _explicit_padding(name: str, padding, kernel, dilation, stride) -> tuple[int
                              "and cannot be split into two convs; use explicit padding")
         return (total[0] // 2, total[1] // 2)
     return _pair(padding)
+
+
+def _replace_data(param: nn.Parameter, value: Tensor) -> None:
+    """Give `param` new data of any shape while keeping the Python object (optimizers and
+    hooks hold it). `swap_tensors` also renews autograd's cached gradient accumulator, which a
+    plain `param.data = value` keeps at the old shape while an old graph is alive."""
+    torch.utils.swap_tensors(param, nn.Parameter(value, requires_grad=param.requires_grad))
 
 
 def _check_finite(name: str, what: str, t: Tensor) -> None:

@@ -92,3 +92,19 @@ def test_non_finite_weights_leave_model_unchanged():
 def test_prune_without_svd_layers_is_an_error():
     with pytest.raises(ValueError, match="no SVD layers"):
         svdkern.prune(nn.Linear(3, 3), 0.1)
+
+
+def test_prune_while_last_graph_is_alive_then_train_on():
+    """A training loop's last `loss` keeps its graph (and autograd's gradient accumulators)
+    alive across the prune: the next backward must still see the new shapes."""
+    model = svdkern.decompose(small_cnn())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(2, 3, 10, 8, dtype=torch.float64)
+    loss = svdkern.SVDRegularizer(model)() + model(x).sum()
+    loss.backward()
+    opt.step()
+    svdkern.prune(model, 0.3, optimizer=opt)
+    loss = svdkern.SVDRegularizer(model)() + model(x).sum()
+    loss.backward()
+    opt.step()
+    assert all(l.U.grad.shape == l.U.shape for _, l in svdkern.svd_layers(model))
