@@ -27,10 +27,13 @@ def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (
         if isinstance(module, SVDLayer) or any(fnmatch.fnmatchcase(name, p) for p in patterns):
             continue
         label = name or type(module).__name__
-        if isinstance(module, nn.Linear):
-            replacements[name] = SVDLinear.from_dense(module, name=label)
-        elif isinstance(module, nn.Conv2d):
-            replacements[name] = SVDConv2d.from_dense(module, scheme=scheme, name=label)
+        try:
+            if isinstance(module, nn.Linear):
+                replacements[name] = SVDLinear.from_dense(module, name=label)
+            elif isinstance(module, nn.Conv2d):
+                replacements[name] = SVDConv2d.from_dense(module, scheme=scheme, name=label)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (pass skip=[{label!r}] to keep this layer dense)") from exc
     if "" in replacements:
         return replacements[""]
     for name, new in replacements.items():

@@ -49,3 +49,12 @@ def test_decompose_fails_atomically_on_non_finite_weights():
 def test_decompose_unknown_scheme():
     with pytest.raises(ValueError, match="unknown scheme"):
         svdkern.decompose(small_cnn(), scheme="vh")
+
+
+def test_undecomposable_layer_names_itself_and_the_way_out():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(3, 3, 2, padding="same"))
+    with pytest.raises(ValueError, match=r"^1: padding='same'.*skip=\['1'\]"):
+        svdkern.decompose(model)
+    assert type(model[0]) is nn.Linear
+    svdkern.decompose(model, skip=["1"])
+    assert type(model[1]) is nn.Conv2d and isinstance(model[0], SVDLinear)
