@@ -39,8 +39,10 @@ def _conv_flops(n_img: int, in_hw: tuple[int, int], out_ch: int, in_per_group: i
 
 
 def conv_flops(x_shape: tuple[int, ...], spec: ConvSpec, r: int) -> tuple[int, int]:
-    """(chain, materialized) forward FLOPs of a factorized conv on input `x_shape` (N, C, H, W)."""
-    n_img, _, h, w = x_shape
+    """(chain, materialized) forward FLOPs of a factorized conv on input `x_shape`
+    (N, C, H, W) or unbatched (C, H, W)."""
+    n_img = x_shape[0] if len(x_shape) == 4 else 1
+    h, w = x_shape[-2:]
     g = spec.groups
     c_g = spec.in_channels // g
     kh, kw = spec.kernel_size
