@@ -55,6 +55,23 @@ def _bwd_block_b(r_pad: int) -> int:
     return 64 if r_pad <= 64 else 32
 
 
+@triton.jit
+def _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, stride_xk,
+                  stride_vn, stride_vr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+    """`h = x[rows] V` as a (BLOCK_B, R_PAD) fp32 block; padded ranks come out zero."""
+    h = tl.zeros((BLOCK_B, R_PAD), dtype=tl.float32)
+    for k0 in range(0, N_IN, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = ks < N_IN
+        xt = tl.load(x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xk,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        vt = tl.load(v_ptr + ks[:, None] * stride_vn + ranks[None, :] * stride_vr,
+                     mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+        h = tl.dot(xt, vt, acc=h, input_precision=PRECISION)
+    return h
+
+
 @triton.autotune(configs=_fwd_configs(), key=["N_IN", "N_OUT", "R_PAD"])
 @triton.jit
 def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
@@ -68,15 +85,8 @@ def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < R
 
-    h = tl.zeros((BLOCK_B, R_PAD), dtype=tl.float32)
-    for k0 in range(0, N_IN, BLOCK_K):
-        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        k_ok = ks < N_IN
-        xt = tl.load(x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xk,
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        vt = tl.load(v_ptr + ks[:, None] * stride_vn + ranks[None, :] * stride_vr,
-                     mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-        h = tl.dot(xt, vt, acc=h, input_precision=PRECISION)
+    h = _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, stride_xk,
+                      stride_vn, stride_vr, PRECISION, BLOCK_B, BLOCK_K, R_PAD)
 
     s = tl.load(s_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)
     hs = (h * s[None, :]).to(x_ptr.dtype.element_ty)
@@ -107,15 +117,8 @@ def _bwd_rows_kernel(x_ptr, dy_ptr, u_ptr, s_ptr, v_ptr,
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < R
 
-    h = tl.zeros((BLOCK_B, R_PAD), dtype=tl.float32)
-    for k0 in range(0, N_IN, BLOCK_K):
-        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        k_ok = ks < N_IN
-        xt = tl.load(x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xk,
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        vt = tl.load(v_ptr + ks[:, None] * stride_vn + ranks[None, :] * stride_vr,
-                     mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-        h = tl.dot(xt, vt, acc=h, input_precision=PRECISION)
+    h = _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, stride_xk,
+                      stride_vn, stride_vr, PRECISION, BLOCK_B, BLOCK_K, R_PAD)
 
     g = tl.zeros((BLOCK_B, R_PAD), dtype=tl.float32)
     for n0 in range(0, N_OUT, BLOCK_N):
