@@ -9,8 +9,9 @@ Backward: one row-block kernel reads `x` and `dy` once, computes `h = x V` and `
 on chip, writes per-program fp32 partials of `ds = sum_rows(h * g)` and `db = sum_rows(dy)`
 (summed once afterwards: deterministic, no atomics), writes `dx = (g * s) V^T`, and stores
 `h * s` and `g * s` (B x r). The two reductions over B, `dU = dy^T (h * s)` and
-`dV = x^T (g * s)`, are plain GEMMs with a long reduction dimension, which cuBLAS (split-K,
-deterministic) already does at its best; they run as `torch.matmul` on those buffers.
+`dV = x^T (g * s)`, are plain GEMMs with a long reduction dimension, which cuBLAS already
+does well (deterministically); the caller runs them as torch matmuls on those buffers, where
+torch.compile sees them and autograd skips them for frozen factors.
 
 Numerics: fp32 accumulation for fp32/fp16/bf16 inputs. fp32 inputs use IEEE `tl.dot` under
 the interpreter and when `torch.get_float32_matmul_precision() == "highest"` (PyTorch's
@@ -109,7 +110,7 @@ def _bwd_rows_kernel(x_ptr, dy_ptr, u_ptr, s_ptr, v_ptr,
                      B, N_IN, N_OUT, R,
                      stride_xb, stride_xk, stride_dyb, stride_dym, stride_um, stride_ur,
                      stride_vn, stride_vr,
-                     COMPUTE_DB: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                     COMPUTE_DX: tl.constexpr, COMPUTE_DB: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -141,14 +142,15 @@ def _bwd_rows_kernel(x_ptr, dy_ptr, u_ptr, s_ptr, v_ptr,
     tl.store(hs_ptr + rows[:, None] * R + ranks[None, :], hs, mask=rb_ok)
     tl.store(gs_ptr + rows[:, None] * R + ranks[None, :], gs, mask=rb_ok)
 
-    for k0 in range(0, N_IN, BLOCK_K):
-        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        k_ok = ks < N_IN
-        vt = tl.load(v_ptr + ranks[:, None] * stride_vr + ks[None, :] * stride_vn,
-                     mask=rank_ok[:, None] & k_ok[None, :], other=0.0)
-        dx = tl.dot(gs, vt, input_precision=PRECISION)
-        tl.store(dx_ptr + rows[:, None] * N_IN + ks[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & k_ok[None, :])
+    if COMPUTE_DX:
+        for k0 in range(0, N_IN, BLOCK_K):
+            ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            k_ok = ks < N_IN
+            vt = tl.load(v_ptr + ranks[:, None] * stride_vr + ks[None, :] * stride_vn,
+                         mask=rank_ok[:, None] & k_ok[None, :], other=0.0)
+            dx = tl.dot(gs, vt, input_precision=PRECISION)
+            tl.store(dx_ptr + rows[:, None] * N_IN + ks[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & k_ok[None, :])
 
 
 def _rank_pad(r: int) -> int:
@@ -180,29 +182,35 @@ def svd_linear_fwd(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.T
     return y
 
 
-def svd_linear_bwd(dy: torch.Tensor, x: torch.Tensor, U: torch.Tensor, s: torch.Tensor,
-                   V: torch.Tensor, need_db: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dU, ds, dV, db) for `dy` (B, m), `x` (B, n); `db` is empty when not `need_db`."""
+def svd_linear_bwd_rows(dy: torch.Tensor, x: torch.Tensor, U: torch.Tensor, s: torch.Tensor,
+                        V: torch.Tensor, need_dx: bool, need_db: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    """(dx, h*s, g*s, ds, db) for `dy` (B, m), `x` (B, n), by one pass over x and dy.
+
+    `dx` (B, n) and `db` (m,) are empty tensors when not asked for. `dU = dy^T (h*s)` and
+    `dV = x^T (g*s)` are left to the caller's GEMMs.
+    """
     B, n = x.shape
     m, r = U.shape
     r_pad = _rank_pad(r)
     block_b = _bwd_block_b(r_pad)
     programs = max(1, triton.cdiv(B, block_b))
     dev, dt = x.device, x.dtype
-    dx = torch.empty((B, n), dtype=dt, device=dev)
+    dx = torch.empty((B, n) if need_dx else (0,), dtype=dt, device=dev)
     hs = torch.empty((B, r), dtype=dt, device=dev)
     gs = torch.empty((B, r), dtype=dt, device=dev)
-    ds_part = torch.zeros((programs, r_pad), dtype=torch.float32, device=dev)
-    db_part = torch.zeros((programs, m) if need_db else (1, 1), dtype=torch.float32, device=dev)
+    # Every program overwrites its whole row of partials; only an empty batch needs zeros.
+    alloc = torch.zeros if B == 0 else torch.empty
+    ds_part = alloc((programs, r_pad), dtype=torch.float32, device=dev)
+    db_part = alloc((programs, m) if need_db else (1, 1), dtype=torch.float32, device=dev)
     if B > 0:
         _bwd_rows_kernel[(programs,)](
             x, dy, U, s, V, dx, hs, gs, ds_part, db_part, B, n, m, r,
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), U.stride(0), U.stride(1),
             V.stride(0), V.stride(1),
-            COMPUTE_DB=need_db, R_PAD=r_pad, PRECISION=_precision(dt), BLOCK_B=block_b)
-    dU = dy.transpose(0, 1) @ hs
-    dV = x.transpose(0, 1) @ gs
+            COMPUTE_DX=need_dx, COMPUTE_DB=need_db, R_PAD=r_pad, PRECISION=_precision(dt),
+            BLOCK_B=block_b)
     ds = ds_part.sum(0)[:r].to(s.dtype)
     db = db_part.sum(0).to(dt) if need_db else torch.empty(0, dtype=dt, device=dev)
-    return dx, dU, ds, dV, db
+    return dx, hs, gs, ds, db

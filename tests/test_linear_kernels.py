@@ -111,6 +111,23 @@ def test_non_contiguous_factors_and_expanded_dy():
     assert_close(dV, dV_ref, torch.float32, "dV")
 
 
+@pytest.mark.parametrize("trainable", [(0,), (1, 2, 3, 4), (2,)])
+def test_partial_gradients(trainable):
+    """Only some operands need grad (frozen input or frozen factors): those gradients match
+    and the others are not computed."""
+    inputs = make_inputs(29, 35, 22, 6, torch.float32)
+    leaves = [t.requires_grad_(i in trainable) for i, t in enumerate(inputs)]
+    y = fused.svd_linear(*leaves)
+    y.square().sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in inputs]
+    reference.svd_linear(*ref).square().sum().backward()
+    for i, (t, t_ref) in enumerate(zip(leaves, ref)):
+        if i in trainable:
+            assert_close(t.grad, t_ref.grad, torch.float32, f"grad {i}")
+        else:
+            assert t.grad is None
+
+
 def test_backward_is_deterministic():
     """ds and db come from per-program partials summed once: bitwise reproducible."""
     x, U, s, V, b = (t.requires_grad_() for t in make_inputs(97, 33, 41, 10, torch.float32))
@@ -164,8 +181,9 @@ def test_opcheck_forward_and_backward_ops():
                               tuple(t.detach().requires_grad_() if t is not None else t
                                     for t in args))
     dy = torch.randn(19, 17, device=DEVICE)
-    for need_db in (True, False):
-        torch.library.opcheck(torch.ops.svdkern.svd_linear_bwd.default, (dy, x, U, s, V, need_db))
+    for need_dx, need_db in ((True, True), (False, False)):
+        torch.library.opcheck(torch.ops.svdkern.svd_linear_bwd_rows.default,
+                              (dy, x, U, s, V, need_dx, need_db))
 
 
 # ----------------------------------------------------------------------------- GPU only
