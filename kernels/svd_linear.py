@@ -3,7 +3,9 @@
 Forward: a program owns `BLOCK_B` rows of `x`; it computes `h = x V` for the whole rank
 (padded to `R_PAD`, a power of two >= 16, masked), keeps it in registers, scales it by `s`
 and loops over output column tiles computing `(h * s) U^T + b`. The `B x r` intermediate
-never touches global memory.
+never touches global memory. When the rows are too few to fill the GPU, the output columns
+are split into groups over a second grid axis (each group recomputes its rows' `h`, cheap
+at small B). Autotuning is keyed on the batch rounded up to a power of two.
 
 Backward: one row-block kernel reads `x` and `dy` once, computes `h = x V` and `g = dy U`
 on chip, writes per-program fp32 partials of `ds = sum_rows(h * g)` and `db = sum_rows(dy)`
@@ -73,14 +75,16 @@ def _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, s
     return h
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N_IN", "N_OUT", "R_PAD"])
+@triton.autotune(configs=_fwd_configs(), key=["B_BUCKET", "N_IN", "N_OUT", "R_PAD"])
 @triton.jit
 def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
-                B, N_IN, N_OUT, R,
+                B, N_IN, N_OUT, R, B_BUCKET,
                 stride_xb, stride_xk, stride_um, stride_ur, stride_vn, stride_vr,
                 stride_yb, stride_ym,
                 HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (row blocks, column groups): each program computes `h` for its rows and writes
+    one contiguous group of output tiles (several groups only when rows are few)."""
     rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     row_ok = rows < B
     ranks = tl.arange(0, R_PAD)
@@ -91,9 +95,12 @@ def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
 
     s = tl.load(s_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)
     hs = (h * s[None, :]).to(x_ptr.dtype.element_ty)
-    for n0 in range(0, N_OUT, BLOCK_N):
+    tiles_per_group = tl.cdiv(tl.cdiv(N_OUT, BLOCK_N), tl.num_programs(1))
+    col_lo = tl.program_id(1) * tiles_per_group * BLOCK_N
+    col_hi = tl.minimum(col_lo + tiles_per_group * BLOCK_N, N_OUT)
+    for n0 in range(col_lo, col_hi, BLOCK_N):
         cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        col_ok = cols < N_OUT
+        col_ok = cols < col_hi
         ut = tl.load(u_ptr + ranks[:, None] * stride_ur + cols[None, :] * stride_um,
                      mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
         y = tl.dot(hs, ut, input_precision=PRECISION)
@@ -153,6 +160,15 @@ def _bwd_rows_kernel(x_ptr, dy_ptr, u_ptr, s_ptr, v_ptr,
                      mask=row_ok[:, None] & k_ok[None, :])
 
 
+def _target_programs(device: torch.device) -> int:
+    """Programs the forward grid aims for: two per SM on a GPU, so that few rows still
+    spread over the machine (output columns are then split between programs, each
+    recomputing its rows' `h`). Under the interpreter 4, so small tests exercise the split."""
+    if _INTERPRET:
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _rank_pad(r: int) -> int:
     if r > MAX_FUSED_RANK:
         raise ValueError(f"fused svd_linear holds rank <= {MAX_FUSED_RANK} on chip, got r={r}")
@@ -174,8 +190,16 @@ def svd_linear_fwd(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.T
     y = torch.empty((B, m), dtype=x.dtype, device=x.device)
     if B == 0:
         return y
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)  # noqa: E731
+    target = _target_programs(x.device)
+
+    def grid(meta):
+        row_blocks = triton.cdiv(B, meta["BLOCK_B"])
+        tiles = triton.cdiv(m, meta["BLOCK_N"])
+        groups = max(1, min(tiles, triton.cdiv(target, row_blocks)))
+        return row_blocks, triton.cdiv(tiles, triton.cdiv(tiles, groups))  # no empty group
+
     _fwd_kernel[grid](x, U, s, V, bias if bias is not None else s, y, B, n, m, r,
+                      triton.next_power_of_2(B),
                       x.stride(0), x.stride(1), U.stride(0), U.stride(1), V.stride(0), V.stride(1),
                       y.stride(0), y.stride(1),
                       HAS_BIAS=bias is not None, R_PAD=_rank_pad(r), PRECISION=_precision(x.dtype))
