@@ -119,8 +119,8 @@ def _bwd_rows_kernel(x_ptr, dy_ptr, u_ptr, s_ptr, v_ptr,
                      stride_vn, stride_vr,
                      COMPUTE_DX: tl.constexpr, COMPUTE_DB: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < R

@@ -4,6 +4,8 @@ TRITON_INTERPRET=1), which checks fp32 (IEEE dot) and fp16; bf16, TF32 and autot
 GPU and are in the CUDA-only tests at the end."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from svdkern import fused, reference
 from svdkern.cost import MAX_FUSED_RANK
@@ -68,6 +70,14 @@ def test_fp32_matches_reference(B, n, m, r, bias):
 @pytest.mark.parametrize("B,n,m,r", SHAPES[:4])
 def test_fp16_matches_reference(B, n, m, r):
     check_against_reference(*make_inputs(B, n, m, r, torch.float16), torch.float16)
+
+
+@settings(max_examples=12, deadline=None)
+@given(B=st.integers(1, 70), n=st.integers(1, 70), m=st.integers(1, 70), data=st.data(),
+       bias=st.booleans())
+def test_random_shapes_match_reference(B, n, m, data, bias):
+    r = data.draw(st.integers(1, min(n, m)), label="r")
+    check_against_reference(*make_inputs(B, n, m, r, torch.float32, bias), torch.float32)
 
 
 def test_non_contiguous_x():
