@@ -8,13 +8,16 @@ from svdkern import SVDConv2d, backend, cost, ops, reference
 from svdkern.cost import MAX_FUSED_RANK
 
 pytest.importorskip("triton")
+# Where Triton runs here: CUDA, else CPU through the interpreter (set by conftest).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def factors(n, m, r, rows=1, dtype=torch.float64, lead=()):
+def factors(n, m, r, rows=1, dtype=torch.float64, lead=(), device=DEVICE):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*lead, rows, n, generator=gen, dtype=dtype)
-    return x, torch.randn(m, r, generator=gen, dtype=dtype), \
-        torch.rand(r, generator=gen, dtype=dtype), torch.randn(n, r, generator=gen, dtype=dtype)
+    tensors = (x, torch.randn(m, r, generator=gen, dtype=dtype),
+               torch.rand(r, generator=gen, dtype=dtype), torch.randn(n, r, generator=gen, dtype=dtype))
+    return tuple(t.to(device) for t in tensors)
 
 
 class OpsCalled(TorchDispatchMode):
@@ -66,9 +69,15 @@ def test_reference_backend_always_runs_the_chain():
     assert "svdkern.svd_linear_fwd" not in seen.names and "aten.linear" not in seen.names
 
 
+@pytest.mark.parametrize("env,expected", [("reference", "chain"), ("triton", "fused")])
+def test_environment_variable_forces_the_path(monkeypatch, env, expected):
+    monkeypatch.setenv("SVDKERN_BACKEND", env)
+    assert ops.explain(*factors(64, 64, 64, 1000, dtype=torch.float32)).path == expected
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU fallback rules")
 def test_auto_on_cpu_never_runs_triton():
-    x, U, s, V = factors(40, 30, 4, 50, dtype=torch.float32)
+    x, U, s, V = factors(40, 30, 4, 50, dtype=torch.float32, device="cpu")
     with backend.use("auto"):
         plan = ops.explain(x, U, s, V)
         with OpsCalled() as seen:
@@ -100,9 +109,7 @@ def test_triton_backend_beyond_the_fused_rank_falls_back_by_cost():
 
 def test_triton_where_it_cannot_run_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x, U, s, V = factors(8, 8, 2, 3, dtype=torch.float32)
-    if torch.cuda.is_available():
-        pytest.skip("CPU tensors only")
+    x, U, s, V = factors(8, 8, 2, 3, dtype=torch.float32, device="cpu")
     with backend.use("triton"), pytest.raises(RuntimeError, match="SVDKERN_BACKEND=triton"):
         ops.svd_linear(x, U, s, V)
 
@@ -113,7 +120,7 @@ def test_every_path_matches_the_reference_with_gradients(name):
     materializes) and at low rank, against the float64 chain."""
     for n, m, r, rows in ((24, 20, 20, 60), (24, 20, 3, 7)):
         x, U, s, V = (t.float().requires_grad_() for t in factors(n, m, r, rows, lead=(2,)))
-        b = torch.randn(m, requires_grad=True)
+        b = torch.randn(m, device=DEVICE, requires_grad=True)
         with backend.use(name):
             y = ops.svd_linear(x, U, s, V, b)
         grads = torch.autograd.grad(y.square().sum(), (x, U, s, V, b))
@@ -127,7 +134,7 @@ def test_every_path_matches_the_reference_with_gradients(name):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_auto_on_cuda_runs_the_fused_kernel_at_low_rank():
-    x, U, s, V = (t.cuda().float() for t in factors(1024, 1024, 64, 512))
+    x, U, s, V = factors(1024, 1024, 64, 512, dtype=torch.float32)
     with backend.use("auto"):
         assert ops.explain(x, U, s, V).path == "fused"
 
