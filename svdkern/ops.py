@@ -65,8 +65,8 @@ def _conv_plan(x: Tensor, U: Tensor, spec: ConvSpec) -> tuple[str, str, int, int
     if backend.requested() == "reference":
         return "chain", "SVDKERN_BACKEND=reference", chain, mat
     path = cost.cheaper(chain, mat)
-    why = "one dense conv on the built weight" if path == "materialized" else "two thin convs"
-    return path, f"{why} costs fewer FLOPs", chain, mat
+    how = "one dense conv on the built weight" if path == "materialized" else "two thin convs"
+    return path, f"fewer FLOPs as {how}", chain, mat
 
 
 def explain(x: Tensor, U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec | None = None) -> Plan:
