@@ -185,6 +185,8 @@ def _precision(dtype: torch.dtype) -> str:
 def svd_linear_fwd(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """`x` (B, n) with any strides -> `y` (B, m), contiguous, in `x`'s dtype."""
+    s = s.contiguous()  # the kernels index s and bias as dense vectors
+    bias = None if bias is None else bias.contiguous()
     B, n = x.shape
     m, r = U.shape
     y = torch.empty((B, m), dtype=x.dtype, device=x.device)
@@ -215,6 +217,7 @@ def svd_linear_bwd_rows(dy: torch.Tensor, x: torch.Tensor, U: torch.Tensor, s: t
     `dx` (B, n) and `db` (m,) are empty tensors when not asked for. `dU = dy^T (h*s)` and
     `dV = x^T (g*s)` are left to the caller's GEMMs.
     """
+    s = s.contiguous()
     B, n = x.shape
     m, r = U.shape
     r_pad = _rank_pad(r)

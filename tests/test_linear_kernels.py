@@ -106,8 +106,12 @@ def test_non_contiguous_3d_input():
 
 
 def test_non_contiguous_factors_and_expanded_dy():
-    """U, V stored transposed, and the stride-0 `dy` that `y.sum()` produces."""
+    """U, V stored transposed, s and bias strided views, and the stride-0 `dy` that
+    `y.sum()` produces."""
     x, U, s, V, b = make_inputs(21, 34, 27, 8, torch.float32)
+    s = torch.stack([s, -s], 1)[:, 0]
+    b = torch.stack([b, -b], 1)[:, 0]
+    assert not s.is_contiguous() and not b.is_contiguous()
     Ut = U.t().contiguous().t().requires_grad_()
     Vt = V.t().contiguous().t().requires_grad_()
     y = fused.svd_linear(x, Ut, s, Vt, b)
