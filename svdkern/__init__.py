@@ -16,3 +16,6 @@ __all__ = [
     "decompose", "export", "load", "ops", "prune", "reference", "save", "summary",
     "svd_layers",
 ]
+from .ops import Plan, explain  # noqa: E402  (layer-kernel issue: dispatch plan of SVD layers)
+
+__all__ += ["Plan", "explain"]

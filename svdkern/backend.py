@@ -9,7 +9,6 @@ asking for it where it cannot run is an error.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from typing import Iterator
@@ -40,9 +39,13 @@ def use(name: str) -> Iterator[None]:
         _override.pop()
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import: a plain constant (not an lru_cache) so torch.compile traces
+# `resolve()` without a warning.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:

@@ -1,26 +1,96 @@
 """Functional ops of svdkern: the one entry point layers and regularizers call.
 
-Today every op runs the pure-PyTorch reference (`svdkern.reference`); the Triton kernels
-plug in behind these same functions, so callers never change.
+`svd_linear` and `svd_conv2d` pick, per call, how the layer runs (`explain()` says which and
+why):
+- "materialized": build `W = (U * s) V^T` then one dense GEMM / conv (autograd gives the
+  matching backward: `dW`, then `dU`, `dV`, `ds` from `dW`), when the FLOP model
+  (`svdkern.cost`) says it is cheaper; this is the full-rank, large-batch regime;
+- "fused": the Triton kernel that keeps `x V` on chip (`svdkern.fused`), for the factorized
+  chain when Triton can run (`backend.resolve`) and the rank fits on chip;
+- "chain": the PyTorch reference chain (`svdkern.reference`) otherwise.
+`SVDKERN_BACKEND=reference` always runs the reference chain (the ground truth);
+`SVDKERN_BACKEND=triton` runs the fused kernel whenever the rank fits, whatever the cost.
+Convolutions have no Triton kernel: they choose between the two thin convs and one dense
+conv.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
+from . import backend, cost, fused, reference
 from .reference import ConvSpec
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call of an SVD layer runs, and why."""
+
+    path: str  # "fused", "chain" or "materialized"
+    reason: str
+    chain_flops: int
+    materialized_flops: int
+
+    def __str__(self) -> str:
+        return (f"{self.path}: {self.reason} (forward FLOPs: chain {self.chain_flops:,}, "
+                f"materialized {self.materialized_flops:,})")
+
+
+def _linear_plan(x: Tensor, U: Tensor, V: Tensor) -> tuple[str, str, int, int]:
+    """(path, reason, chain FLOPs, materialized FLOPs) of `svd_linear` for these shapes."""
+    n, r = V.shape
+    m = U.shape[0]
+    chain, mat = cost.linear_flops(x.numel() // n, n, m, r)
+    requested = backend.requested()
+    if requested == "reference":
+        return "chain", "SVDKERN_BACKEND=reference", chain, mat
+    engine = backend.resolve(x.device)
+    fits = r <= cost.MAX_FUSED_RANK and x.dtype in fused.FUSED_DTYPES
+    if requested == "triton" and fits:
+        return "fused", "SVDKERN_BACKEND=triton", chain, mat
+    if cost.cheaper(chain, mat) == "materialized":
+        return "materialized", "dense GEMM on W = (U*s) V^T costs fewer FLOPs", chain, mat
+    if engine == "triton" and fits:
+        return "fused", "factorized chain costs fewer FLOPs; Triton kernel", chain, mat
+    why = ("Triton cannot run on this device" if engine != "triton" else
+           f"rank {r} > {cost.MAX_FUSED_RANK} or dtype {x.dtype} is beyond the fused kernel")
+    return "chain", f"factorized chain costs fewer FLOPs; {why}", chain, mat
+
+
+def _conv_plan(x: Tensor, U: Tensor, spec: ConvSpec) -> tuple[str, str, int, int]:
+    chain, mat = cost.conv_flops(tuple(x.shape), spec, U.shape[-1])
+    if backend.requested() == "reference":
+        return "chain", "SVDKERN_BACKEND=reference", chain, mat
+    path = cost.cheaper(chain, mat)
+    how = "one dense conv on the built weight" if path == "materialized" else "two thin convs"
+    return path, f"fewer FLOPs as {how}", chain, mat
+
+
+def explain(x: Tensor, U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec | None = None) -> Plan:
+    """Which path `svd_linear` (or `svd_conv2d` when `spec` is given) runs for these
+    arguments, and why."""
+    del s  # the plan depends on shapes, dtype and device only
+    return Plan(*(_linear_plan(x, U, V) if spec is None else _conv_plan(x, U, spec)))
 
 
 def svd_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
     """`y = x V diag(s) U^T + b` for `x` (..., n), `U` (m, r), `s` (r,), `V` (n, r)."""
+    path = _linear_plan(x, U, V)[0]
+    if path == "fused":
+        return fused.svd_linear(x, U, s, V, bias)
+    if path == "materialized":
+        return F.linear(x, reference.materialize(U, s, V), bias)
     return reference.svd_linear(x, U, s, V, bias)
 
 
 def svd_conv2d(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
                spec: ConvSpec) -> Tensor:
     """Conv2d held as per-group factors `U` (g, rows, r), `s` (g, r), `V` (g, cols, r)."""
+    if _conv_plan(x, U, spec)[0] == "materialized":
+        return reference.svd_conv2d_materialized(x, U, s, V, bias, spec)
     return reference.svd_conv2d(x, U, s, V, bias, spec)
 
 

@@ -1,0 +1,243 @@
+"""Fused Triton kernels for the SVD linear layer `y = x V diag(s) U^T + b` (SPEC section 3).
+
+Forward: a program owns `BLOCK_B` rows of `x`; it computes `h = x V` for the whole rank
+(padded to `R_PAD`, a power of two >= 16, masked), keeps it in registers, scales it by `s`
+and loops over output column tiles computing `(h * s) U^T + b`. The `B x r` intermediate
+never touches global memory. When the rows are too few to fill the GPU, the output columns
+are split into groups over a second grid axis (each group recomputes its rows' `h`, cheap
+at small B). Autotuning is keyed on the batch rounded up to a power of two.
+
+Backward: one row-block kernel reads `x` and `dy` once, computes `h = x V` and `g = dy U`
+on chip, writes per-program fp32 partials of `ds = sum_rows(h * g)` and `db = sum_rows(dy)`
+(summed once afterwards: deterministic, no atomics), writes `dx = (g * s) V^T`, and stores
+`h * s` and `g * s` (B x r). The two reductions over B, `dU = dy^T (h * s)` and
+`dV = x^T (g * s)`, are plain GEMMs with a long reduction dimension, which cuBLAS already
+does well (deterministically); the caller runs them as torch matmuls on those buffers, where
+torch.compile sees them and autograd skips them for frozen factors.
+
+Numerics: fp32 accumulation for fp32/fp16/bf16 inputs. fp32 inputs use IEEE `tl.dot` under
+the interpreter and when `torch.get_float32_matmul_precision() == "highest"` (PyTorch's
+default, matching `nn.Linear`), TF32 otherwise. Offsets along B and the feature dimensions
+are int64. Block shapes are autotuned on a GPU; the interpreter uses one fixed config.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from svdkern.backend import interpreter_enabled
+from svdkern.cost import MAX_FUSED_RANK
+
+_INTERPRET = interpreter_enabled()
+_FIXED = triton.Config({"BLOCK_B": 32, "BLOCK_K": 32, "BLOCK_N": 32}, num_warps=4)
+
+
+def _fwd_configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [_FIXED]
+    return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bb, bk, bn, w, st in [(64, 64, 64, 4, 3), (64, 64, 128, 8, 3), (128, 32, 64, 8, 3),
+                                      (128, 64, 128, 8, 3), (32, 64, 64, 4, 4), (64, 32, 64, 4, 4),
+                                      (128, 64, 64, 4, 3), (16, 64, 128, 4, 4)]]
+
+
+def _bwd_configs() -> list[triton.Config]:
+    """BLOCK_B is not tuned in the backward: it fixes the number of per-program partials."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_K": 32, "BLOCK_N": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bk, bn, w, st in [(32, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 4),
+                                  (64, 32, 8, 4), (128, 64, 8, 3)]]
+
+
+def _bwd_block_b(r_pad: int) -> int:
+    """Rows per backward program: two fp32 (BLOCK_B, R_PAD) accumulators must fit registers."""
+    if _INTERPRET:
+        return 32
+    return 64 if r_pad <= 64 else 32
+
+
+@triton.jit
+def _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, stride_xk,
+                  stride_vn, stride_vr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+    """`h = x[rows] V` as a (BLOCK_B, R_PAD) fp32 block; padded ranks come out zero."""
+    h = tl.zeros((BLOCK_B, R_PAD), dtype=tl.float32)
+    for k0 in range(0, N_IN, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = ks < N_IN
+        xt = tl.load(x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xk,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        vt = tl.load(v_ptr + ks[:, None] * stride_vn + ranks[None, :] * stride_vr,
+                     mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+        h = tl.dot(xt, vt, acc=h, input_precision=PRECISION)
+    return h
+
+
+@triton.autotune(configs=_fwd_configs(), key=["B_BUCKET", "N_IN", "N_OUT", "R_PAD"])
+@triton.jit
+def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
+                B, N_IN, N_OUT, R, B_BUCKET,
+                stride_xb, stride_xk, stride_um, stride_ur, stride_vn, stride_vr,
+                stride_yb, stride_ym,
+                HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (row blocks, column groups): each program computes `h` for its rows and writes
+    one contiguous group of output tiles (several groups only when rows are few)."""
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    row_ok = rows < B
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < R
+
+    h = _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, stride_xk,
+                      stride_vn, stride_vr, PRECISION, BLOCK_B, BLOCK_K, R_PAD)
+
+    s = tl.load(s_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)
+    hs = (h * s[None, :]).to(x_ptr.dtype.element_ty)
+    tiles_per_group = tl.cdiv(tl.cdiv(N_OUT, BLOCK_N), tl.num_programs(1))
+    col_lo = tl.program_id(1) * tiles_per_group * BLOCK_N
+    col_hi = tl.minimum(col_lo + tiles_per_group * BLOCK_N, N_OUT)
+    for n0 in range(col_lo, col_hi, BLOCK_N):
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_ok = cols < col_hi
+        ut = tl.load(u_ptr + ranks[:, None] * stride_ur + cols[None, :] * stride_um,
+                     mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        y = tl.dot(hs, ut, input_precision=PRECISION)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * stride_yb + cols[None, :] * stride_ym,
+                 y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.autotune(configs=_bwd_configs(), key=["N_IN", "N_OUT", "R_PAD"])
+@triton.jit
+def _bwd_rows_kernel(x_ptr, dy_ptr, u_ptr, s_ptr, v_ptr,
+                     dx_ptr, hs_ptr, gs_ptr, ds_part_ptr, db_part_ptr,
+                     B, N_IN, N_OUT, R,
+                     stride_xb, stride_xk, stride_dyb, stride_dym, stride_um, stride_ur,
+                     stride_vn, stride_vr,
+                     COMPUTE_DX: tl.constexpr, COMPUTE_DB: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    ranks = tl.arange(0, R_PAD)
+    rank_ok = ranks < R
+
+    h = _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, stride_xk,
+                      stride_vn, stride_vr, PRECISION, BLOCK_B, BLOCK_K, R_PAD)
+
+    g = tl.zeros((BLOCK_B, R_PAD), dtype=tl.float32)
+    for n0 in range(0, N_OUT, BLOCK_N):
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_ok = cols < N_OUT
+        dyt = tl.load(dy_ptr + rows[:, None] * stride_dyb + cols[None, :] * stride_dym,
+                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        ut = tl.load(u_ptr + cols[:, None] * stride_um + ranks[None, :] * stride_ur,
+                     mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+        g = tl.dot(dyt, ut, acc=g, input_precision=PRECISION)
+        if COMPUTE_DB:
+            tl.store(db_part_ptr + pid * N_OUT + cols, tl.sum(dyt.to(tl.float32), axis=0),
+                     mask=col_ok)
+
+    tl.store(ds_part_ptr + pid * R_PAD + ranks, tl.sum(h * g, axis=0))
+    s = tl.load(s_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)
+    hs = (h * s[None, :]).to(x_ptr.dtype.element_ty)
+    gs = (g * s[None, :]).to(x_ptr.dtype.element_ty)
+    rb_ok = row_ok[:, None] & rank_ok[None, :]
+    tl.store(hs_ptr + rows[:, None] * R + ranks[None, :], hs, mask=rb_ok)
+    tl.store(gs_ptr + rows[:, None] * R + ranks[None, :], gs, mask=rb_ok)
+
+    if COMPUTE_DX:
+        for k0 in range(0, N_IN, BLOCK_K):
+            ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            k_ok = ks < N_IN
+            vt = tl.load(v_ptr + ranks[:, None] * stride_vr + ks[None, :] * stride_vn,
+                         mask=rank_ok[:, None] & k_ok[None, :], other=0.0)
+            dx = tl.dot(gs, vt, input_precision=PRECISION)
+            tl.store(dx_ptr + rows[:, None] * N_IN + ks[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & k_ok[None, :])
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs the forward grid aims for: two per SM on a GPU, so that few rows still
+    spread over the machine (output columns are then split between programs, each
+    recomputing its rows' `h`). Under the interpreter 4, so small tests exercise the split."""
+    if _INTERPRET:
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _rank_pad(r: int) -> int:
+    if r > MAX_FUSED_RANK:
+        raise ValueError(f"fused svd_linear holds rank <= {MAX_FUSED_RANK} on chip, got r={r}")
+    return max(16, triton.next_power_of_2(r))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not _INTERPRET \
+            and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def svd_linear_fwd(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """`x` (B, n) with any strides -> `y` (B, m), contiguous, in `x`'s dtype."""
+    s = s.contiguous()  # the kernels index s and bias as dense vectors
+    bias = None if bias is None else bias.contiguous()
+    B, n = x.shape
+    m, r = U.shape
+    y = torch.empty((B, m), dtype=x.dtype, device=x.device)
+    if B == 0:
+        return y
+    target = _target_programs(x.device)
+
+    def grid(meta):
+        row_blocks = triton.cdiv(B, meta["BLOCK_B"])
+        tiles = triton.cdiv(m, meta["BLOCK_N"])
+        groups = max(1, min(tiles, triton.cdiv(target, row_blocks)))
+        return row_blocks, triton.cdiv(tiles, triton.cdiv(tiles, groups))  # no empty group
+
+    _fwd_kernel[grid](x, U, s, V, bias if bias is not None else s, y, B, n, m, r,
+                      triton.next_power_of_2(B),
+                      x.stride(0), x.stride(1), U.stride(0), U.stride(1), V.stride(0), V.stride(1),
+                      y.stride(0), y.stride(1),
+                      HAS_BIAS=bias is not None, R_PAD=_rank_pad(r), PRECISION=_precision(x.dtype))
+    return y
+
+
+def svd_linear_bwd_rows(dy: torch.Tensor, x: torch.Tensor, U: torch.Tensor, s: torch.Tensor,
+                        V: torch.Tensor, need_dx: bool, need_db: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    """(dx, h*s, g*s, ds, db) for `dy` (B, m), `x` (B, n), by one pass over x and dy.
+
+    `dx` (B, n) and `db` (m,) are empty tensors when not asked for. `dU = dy^T (h*s)` and
+    `dV = x^T (g*s)` are left to the caller's GEMMs.
+    """
+    s = s.contiguous()
+    B, n = x.shape
+    m, r = U.shape
+    r_pad = _rank_pad(r)
+    block_b = _bwd_block_b(r_pad)
+    programs = max(1, triton.cdiv(B, block_b))
+    dev, dt = x.device, x.dtype
+    dx = torch.empty((B, n) if need_dx else (0,), dtype=dt, device=dev)
+    hs = torch.empty((B, r), dtype=dt, device=dev)
+    gs = torch.empty((B, r), dtype=dt, device=dev)
+    # Every program overwrites its whole row of partials; only an empty batch needs zeros.
+    alloc = torch.zeros if B == 0 else torch.empty
+    ds_part = alloc((programs, r_pad), dtype=torch.float32, device=dev)
+    db_part = alloc((programs, m) if need_db else (1, 1), dtype=torch.float32, device=dev)
+    if B > 0:
+        _bwd_rows_kernel[(programs,)](
+            x, dy, U, s, V, dx, hs, gs, ds_part, db_part, B, n, m, r,
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), U.stride(0), U.stride(1),
+            V.stride(0), V.stride(1),
+            COMPUTE_DX=need_dx, COMPUTE_DB=need_db, R_PAD=r_pad, PRECISION=_precision(dt),
+            BLOCK_B=block_b)
+    ds = ds_part.sum(0)[:r].to(s.dtype)
+    db = db_part.sum(0).to(dt) if need_db else torch.empty(0, dtype=dt, device=dev)
+    return dx, hs, gs, ds, db

@@ -1,0 +1,85 @@
+"""The fused Triton SVD linear layer as PyTorch custom ops, with autograd and autocast.
+
+`svdkern::svd_linear_fwd` and `svdkern::svd_linear_bwd_rows` are `torch.library.custom_op`s
+with fake (meta) implementations, so `torch.compile(fullgraph=True)` traces them as single
+opaque nodes with no graph break; `register_autograd` gives the forward its backward: the
+row-block kernel (dx, ds, db and the scaled intermediates) then two plain GEMMs over the
+batch for dU and dV, left as torch ops so the compiler sees them and autograd skips them for
+frozen factors. The Triton module is imported only when an op actually runs, so importing
+svdkern never requires Triton.
+"""
+# No `from __future__ import annotations` here: custom_op reads these annotations at
+# runtime to build the op schemas, and Optional[...] parses on every supported torch.
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("svdkern::svd_linear_fwd", mutates_args=())
+def svd_linear_fwd(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """`x` (B, n) -> `x V diag(s) U^T + b` (B, m), by the fused kernel."""
+    from .kernels.svd_linear import svd_linear_fwd as launch
+    return launch(x, U, s, V, bias)
+
+
+@svd_linear_fwd.register_fake
+def _(x, U, s, V, bias):
+    return x.new_empty((x.shape[0], U.shape[0]))
+
+
+@torch.library.custom_op("svdkern::svd_linear_bwd_rows", mutates_args=())
+def svd_linear_bwd_rows(dy: Tensor, x: Tensor, U: Tensor, s: Tensor, V: Tensor, need_dx: bool,
+                        need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, h*s, g*s, ds, db) by the fused row-block backward kernel; `dx`, `db` are empty
+    when not asked for."""
+    from .kernels.svd_linear import svd_linear_bwd_rows as launch
+    return launch(dy, x, U, s, V, need_dx, need_db)
+
+
+@svd_linear_bwd_rows.register_fake
+def _(dy, x, U, s, V, need_dx, need_db):
+    B, r = x.shape[0], U.shape[1]
+    return (x.new_empty(x.shape if need_dx else (0,)), x.new_empty((B, r)), x.new_empty((B, r)),
+            s.new_empty(s.shape), x.new_empty((U.shape[0],) if need_db else (0,)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, U, s, V, bias = inputs
+    ctx.save_for_backward(x, U, s, V)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy: Tensor):
+    """dx, ds, db from the fused kernel; dU = dy^T (h*s), dV = x^T (g*s) as GEMMs over B."""
+    x, U, s, V = ctx.saved_tensors
+    need_x, need_U, need_s, need_V, need_b = ctx.needs_input_grad
+    dx, hs, gs, ds, db = svd_linear_bwd_rows(dy, x, U, s, V, need_x, need_b and ctx.has_bias)
+    dU = dy.transpose(0, 1) @ hs if need_U else None
+    dV = x.transpose(0, 1) @ gs if need_V else None
+    return (dx if need_x else None), dU, (ds if need_s else None), dV, \
+        (db if need_b and ctx.has_bias else None)
+
+
+svd_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def svd_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Fused `y = x V diag(s) U^T + b` for `x` (..., n) of any strides.
+
+    Under `torch.autocast` every operand is cast to the autocast dtype (like `nn.Linear`):
+    the kernel then runs in that dtype with fp32 accumulation.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, U, s, V = (t.to(dt) for t in (x, U, s, V))
+        bias = None if bias is None else bias.to(dt)
+    dtypes = {t.dtype for t in (x, U, s, V, bias) if t is not None}
+    if len(dtypes) != 1 or x.dtype not in FUSED_DTYPES:
+        raise TypeError(f"fused svd_linear needs one dtype among {FUSED_DTYPES} for x, U, s, V "
+                        f"and bias, got {sorted(map(str, dtypes))}")
+    lead = x.shape[:-1]
+    y = svd_linear_fwd(x.reshape(-1, x.shape[-1]), U, s, V, bias)
+    return y.reshape(*lead, U.shape[0])

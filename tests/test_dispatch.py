@@ -1,0 +1,185 @@
+"""The per-call dispatch of svd_linear / svd_conv2d: FLOP model, backend rules, explain(),
+and that each path computes the reference result."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from svdkern import SVDConv2d, backend, cost, ops, reference
+from svdkern.cost import MAX_FUSED_RANK
+
+pytest.importorskip("triton")
+# Where Triton runs here: CUDA, else CPU through the interpreter (set by conftest).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def factors(n, m, r, rows=1, dtype=torch.float64, lead=(), device=DEVICE):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*lead, rows, n, generator=gen, dtype=dtype)
+    tensors = (x, torch.randn(m, r, generator=gen, dtype=dtype),
+               torch.rand(r, generator=gen, dtype=dtype), torch.randn(n, r, generator=gen, dtype=dtype))
+    return tuple(t.to(device) for t in tensors)
+
+
+class OpsCalled(TorchDispatchMode):
+    """Records the aten/custom ops a block dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_linear_flop_counts():
+    assert cost.linear_flops(rows=10, n=6, m=4, r=3) == (2 * 10 * 3 * 10, 2 * 4 * 6 * 3 + 2 * 10 * 24)
+
+
+@pytest.mark.parametrize("rows,expected", [(63, "chain"), (64, "chain"), (65, "materialized")])
+def test_full_rank_square_crosses_over_at_batch_equal_rank(rows, expected):
+    """n = m = r = k: chain 4 B k^2, materialized 2 k^3 + 2 B k^2: materialized iff B > k."""
+    x, U, s, V = factors(64, 64, 64, rows)
+    with backend.use("auto"):
+        assert ops.explain(x, U, s, V).path == expected
+
+
+@pytest.mark.parametrize("n,m,r,rows,expected", [
+    (512, 512, 16, 4096, "chain"),          # low rank: chain far cheaper
+    (512, 256, 256, 4096, "materialized"),  # full rank, large batch
+    (512, 256, 256, 8, "chain"),            # full rank, tiny batch: building W dominates
+    (768, 3072, 48, 1, "chain"),            # decode-style single row at rank n/16
+])
+def test_auto_picks_the_cheaper_path(n, m, r, rows, expected):
+    x, U, s, V = factors(n, m, r, rows)
+    with backend.use("auto"):
+        plan = ops.explain(x, U, s, V)
+    assert plan.path == expected
+    chain, mat = cost.linear_flops(rows, n, m, r)
+    assert (plan.chain_flops, plan.materialized_flops) == (chain, mat)
+    assert "FLOPs" in str(plan)
+
+
+def test_reference_backend_always_runs_the_chain():
+    x, U, s, V = factors(64, 64, 64, 1000, dtype=torch.float32)
+    with backend.use("reference"):
+        assert ops.explain(x, U, s, V).path == "chain"
+        with OpsCalled() as seen:
+            ops.svd_linear(x, U, s, V)
+    assert "svdkern.svd_linear_fwd" not in seen.names and "aten.linear" not in seen.names
+
+
+@pytest.mark.parametrize("env,expected", [("reference", "chain"), ("triton", "fused")])
+def test_environment_variable_forces_the_path(monkeypatch, env, expected):
+    monkeypatch.setenv("SVDKERN_BACKEND", env)
+    assert ops.explain(*factors(64, 64, 64, 1000, dtype=torch.float32)).path == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU fallback rules")
+def test_auto_on_cpu_never_runs_triton():
+    x, U, s, V = factors(40, 30, 4, 50, dtype=torch.float32, device="cpu")
+    with backend.use("auto"):
+        plan = ops.explain(x, U, s, V)
+        with OpsCalled() as seen:
+            ops.svd_linear(x, U, s, V)
+    assert plan.path == "chain" and "Triton cannot run" in plan.reason
+    assert "svdkern.svd_linear_fwd" not in seen.names
+
+
+def test_triton_backend_runs_the_fused_kernel_whatever_the_cost():
+    x, U, s, V = factors(40, 30, 30, 500, dtype=torch.float32)
+    with backend.use("triton"):
+        assert ops.explain(x, U, s, V).path == "fused"
+        with OpsCalled() as seen:
+            y = ops.svd_linear(x, U, s, V)
+    assert "svdkern.svd_linear_fwd" in seen.names
+    torch.testing.assert_close(y.double(), reference.svd_linear(*(t.double() for t in (x, U, s, V))),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_triton_backend_beyond_the_fused_rank_falls_back_by_cost():
+    k = MAX_FUSED_RANK + 2
+    with backend.use("triton"):
+        assert ops.explain(*factors(k, k, k, 1, dtype=torch.float32)).path == "chain"
+        plan = ops.explain(*factors(k, k, k, 4 * k, dtype=torch.float32))
+        assert plan.path == "materialized"
+        plan = ops.explain(*factors(k, k, 3, 1, dtype=torch.float64))
+        assert plan.path == "chain" and "dtype" in plan.reason
+
+
+def test_triton_where_it_cannot_run_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, U, s, V = factors(8, 8, 2, 3, dtype=torch.float32, device="cpu")
+    with backend.use("triton"), pytest.raises(RuntimeError, match="SVDKERN_BACKEND=triton"):
+        ops.svd_linear(x, U, s, V)
+
+
+@pytest.mark.parametrize("name", ["auto", "triton", "reference"])
+def test_every_path_matches_the_reference_with_gradients(name):
+    """Forward and gradients of whatever path runs, at full rank and large batch (so auto
+    materializes) and at low rank, against the float64 chain."""
+    for n, m, r, rows in ((24, 20, 20, 60), (24, 20, 3, 7)):
+        x, U, s, V = (t.float().requires_grad_() for t in factors(n, m, r, rows, lead=(2,)))
+        b = torch.randn(m, device=DEVICE, requires_grad=True)
+        with backend.use(name):
+            y = ops.svd_linear(x, U, s, V, b)
+        grads = torch.autograd.grad(y.square().sum(), (x, U, s, V, b))
+        ref_in = [t.detach().double().requires_grad_() for t in (x, U, s, V, b)]
+        y_ref = reference.svd_linear(*ref_in)
+        ref_grads = torch.autograd.grad(y_ref.square().sum(), ref_in)
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-4)
+        for g, g_ref in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_on_cuda_runs_the_fused_kernel_at_low_rank():
+    x, U, s, V = factors(1024, 1024, 64, 512, dtype=torch.float32)
+    with backend.use("auto"):
+        assert ops.explain(x, U, s, V).path == "fused"
+
+
+# ----------------------------------------------------------------------------- conv
+CONVS = [  # (layer kwargs, input shape)
+    (dict(in_channels=16, out_channels=16, kernel_size=3, padding=1), (8, 16, 16, 16)),
+    (dict(in_channels=12, out_channels=20, kernel_size=(3, 5), stride=(2, 1), padding=(1, 2),
+          dilation=(1, 2), scheme="spatial"), (3, 12, 11, 13)),
+    (dict(in_channels=8, out_channels=12, kernel_size=3, groups=4), (2, 8, 7, 9)),
+]
+
+
+@pytest.mark.parametrize("kwargs,shape", CONVS)
+@pytest.mark.parametrize("rank", [None, 2])
+def test_conv_flops_agree_with_the_layer(kwargs, shape, rank):
+    """cost.conv_flops and SVDConv2d.flops are derived independently: they must agree."""
+    layer = SVDConv2d(**kwargs, rank=rank)
+    chain, mat = cost.conv_flops(shape, layer.spec, layer.rank)
+    svd, dense = layer.flops(shape[-2:])
+    rows, cols = layer.matrix_shape
+    assert chain == shape[0] * svd
+    assert mat == shape[0] * dense + 2 * layer.num_groups * rows * cols * layer.rank
+
+
+def test_conv_picks_the_cheaper_path():
+    """3x3, 16 -> 16 channels on 8 x 16 x 16: full rank 16 is cheaper materialized
+    (2*8*256*16*(144+16) > 2*16*144*16 + 2*8*256*16*144); rank 2 is cheaper as two convs."""
+    kwargs, shape = CONVS[0]
+    x = torch.randn(shape)
+    full, low = SVDConv2d(**kwargs), SVDConv2d(**kwargs, rank=2)
+    with backend.use("auto"):
+        assert ops.explain(x, full.U, full.s, full.V, spec=full.spec).path == "materialized"
+        assert ops.explain(x, low.U, low.s, low.V, spec=low.spec).path == "chain"
+        assert ops.explain(x[0], low.U, low.s, low.V, spec=low.spec).path == "chain"
+    with backend.use("reference"):
+        assert ops.explain(x, full.U, full.s, full.V, spec=full.spec).path == "chain"
+
+
+@pytest.mark.parametrize("kwargs,shape", CONVS)
+@pytest.mark.parametrize("name", ["auto", "reference"])
+def test_conv_paths_match_the_reference(kwargs, shape, name):
+    layer = SVDConv2d(**kwargs).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    with backend.use(name):
+        y = layer(x)
+    torch.testing.assert_close(y, reference.svd_conv2d(x, layer.U, layer.s, layer.V, layer.bias,
+                                                       layer.spec))

@@ -1,0 +1,251 @@
+"""Fused Triton SVD linear kernels (forward and all five gradients) against the float64
+reference chain. On CPU they run through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), which checks fp32 (IEEE dot) and fp16; bf16, TF32 and autotuning need a
+GPU and are in the CUDA-only tests at the end."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from svdkern import fused, reference
+from svdkern.cost import MAX_FUSED_RANK
+
+triton = pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def make_inputs(B, n, m, r, dtype, bias=True, lead=(), seed=0):
+    """Random operands with unit-scale outputs, in `dtype` on DEVICE."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, B, n, generator=gen, dtype=torch.float64)
+    U = torch.randn(m, r, generator=gen, dtype=torch.float64) / r ** 0.5
+    s = torch.rand(r, generator=gen, dtype=torch.float64) * 2 - 0.5
+    V = torch.randn(n, r, generator=gen, dtype=torch.float64) / n ** 0.5
+    b = torch.randn(m, generator=gen, dtype=torch.float64) if bias else None
+    return [None if t is None else t.to(DEVICE, dtype) for t in (x, U, s, V, b)]
+
+
+def assert_close(actual, expected, dtype, what):
+    """Error relative to the largest reference entry, tolerance by dtype."""
+    tol = TOL[dtype]
+    scale = expected.abs().max().item() or 1.0
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def check_against_reference(x, U, s, V, b, dtype, x_op=None):
+    """Forward and dx, dU, ds, dV, db of the fused op vs the reference on float64 copies.
+    `x_op` is the (possibly non-contiguous) tensor actually fed to the kernel."""
+    x_op = x if x_op is None else x_op
+    leaves = [t.detach().requires_grad_() for t in (x_op, U, s, V) + ((b,) if b is not None else ())]
+    y = fused.svd_linear(*leaves[:4], leaves[4] if b is not None else None)
+    assert y.dtype == dtype and y.shape == (*x_op.shape[:-1], U.shape[0])
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1),
+                     dtype=torch.float64).to(y.device, dtype)
+    grads = torch.autograd.grad(y, leaves, dy)
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = reference.svd_linear(*ref_leaves[:4], ref_leaves[4] if b is not None else None)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    assert_close(y, y_ref, dtype, "y")
+    for name, g, g_ref in zip(("dx", "dU", "ds", "dV", "db"), grads, ref_grads):
+        assert g.shape == g_ref.shape and g.dtype == dtype, name
+        assert_close(g, g_ref, dtype, name)
+
+
+# Odd sizes (no multiple of the 32-wide interpreter blocks), rank 1, full rank
+# r = min(n, m), a rank padded from 33 to 64, and the on-chip cap itself.
+SHAPES = [(37, 45, 29, 5), (1, 17, 19, 1), (33, 20, 12, 12), (70, 40, 71, 40),
+          (65, 50, 33, 33), (19, 130, 140, MAX_FUSED_RANK)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("B,n,m,r", SHAPES)
+def test_fp32_matches_reference(B, n, m, r, bias):
+    check_against_reference(*make_inputs(B, n, m, r, torch.float32, bias), torch.float32)
+
+
+@pytest.mark.parametrize("B,n,m,r", SHAPES[:4])
+def test_fp16_matches_reference(B, n, m, r):
+    check_against_reference(*make_inputs(B, n, m, r, torch.float16), torch.float16)
+
+
+@settings(max_examples=12, deadline=None)
+@given(B=st.integers(1, 70), n=st.integers(1, 70), m=st.integers(1, 70), data=st.data(),
+       bias=st.booleans())
+def test_random_shapes_match_reference(B, n, m, data, bias):
+    r = data.draw(st.integers(1, min(n, m)), label="r")
+    check_against_reference(*make_inputs(B, n, m, r, torch.float32, bias), torch.float32)
+
+
+def test_non_contiguous_x():
+    """Transposed storage (stride (1, B)) goes through the kernels' strides, no copy."""
+    x, U, s, V, b = make_inputs(45, 37, 29, 7, torch.float32)
+    x_t = x.t().contiguous().t()
+    assert not x_t.is_contiguous()
+    check_against_reference(x, U, s, V, b, torch.float32, x_op=x_t)
+
+
+def test_sliced_x():
+    """A column slice of a wider tensor: row stride larger than n."""
+    x, U, s, V, b = make_inputs(23, 60, 21, 6, torch.float32)
+    check_against_reference(x, U, s, V[:30].contiguous(), b, torch.float32, x_op=x[:, 5:35])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_3d_input(bias):
+    check_against_reference(*make_inputs(11, 26, 18, 9, torch.float32, bias, lead=(3,)),
+                            torch.float32)
+
+
+def test_non_contiguous_3d_input():
+    x, U, s, V, b = make_inputs(9, 26, 18, 9, torch.float32, lead=(4,))
+    check_against_reference(x, U, s, V, b, torch.float32, x_op=x.transpose(0, 1))
+
+
+def test_non_contiguous_factors_and_expanded_dy():
+    """U, V stored transposed, s and bias strided views, and the stride-0 `dy` that
+    `y.sum()` produces."""
+    x, U, s, V, b = make_inputs(21, 34, 27, 8, torch.float32)
+    s = torch.stack([s, -s], 1)[:, 0]
+    b = torch.stack([b, -b], 1)[:, 0]
+    assert not s.is_contiguous() and not b.is_contiguous()
+    Ut = U.t().contiguous().t().requires_grad_()
+    Vt = V.t().contiguous().t().requires_grad_()
+    y = fused.svd_linear(x, Ut, s, Vt, b)
+    dU, dV = torch.autograd.grad(y.sum(), (Ut, Vt))
+    Ud, Vd = U.double().requires_grad_(), V.double().requires_grad_()
+    dU_ref, dV_ref = torch.autograd.grad(
+        reference.svd_linear(x.double(), Ud, s.double(), Vd, b.double()).sum(), (Ud, Vd))
+    assert_close(y, reference.svd_linear(x.double(), U.double(), s.double(), V.double(),
+                                         b.double()), torch.float32, "y")
+    assert_close(dU, dU_ref, torch.float32, "dU")
+    assert_close(dV, dV_ref, torch.float32, "dV")
+
+
+@pytest.mark.parametrize("trainable", [(0,), (1, 2, 3, 4), (2,)])
+def test_partial_gradients(trainable):
+    """Only some operands need grad (frozen input or frozen factors): those gradients match
+    and the others are not computed."""
+    inputs = make_inputs(29, 35, 22, 6, torch.float32)
+    leaves = [t.requires_grad_(i in trainable) for i, t in enumerate(inputs)]
+    y = fused.svd_linear(*leaves)
+    y.square().sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in inputs]
+    reference.svd_linear(*ref).square().sum().backward()
+    for i, (t, t_ref) in enumerate(zip(leaves, ref)):
+        if i in trainable:
+            assert_close(t.grad, t_ref.grad, torch.float32, f"grad {i}")
+        else:
+            assert t.grad is None
+
+
+def test_backward_is_deterministic():
+    """ds and db come from per-program partials summed once: bitwise reproducible."""
+    x, U, s, V, b = (t.requires_grad_() for t in make_inputs(97, 33, 41, 10, torch.float32))
+    dy = torch.randn(97, 41, device=DEVICE)
+    first = torch.autograd.grad(fused.svd_linear(x, U, s, V, b), (x, U, s, V, b), dy)
+    second = torch.autograd.grad(fused.svd_linear(x, U, s, V, b), (x, U, s, V, b), dy)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+def test_empty_batch():
+    x, U, s, V, b = (t.requires_grad_() for t in make_inputs(0, 12, 10, 3, torch.float32))
+    y = fused.svd_linear(x, U, s, V, b)
+    assert y.shape == (0, 10)
+    dx, dU, ds, dV, db = torch.autograd.grad(y.sum(), (x, U, s, V, b))
+    assert dx.shape == (0, 12) and not dU.any() and not ds.any() and not dV.any() and not db.any()
+
+
+def test_rank_above_on_chip_cap_is_an_error():
+    x, U, s, V, b = make_inputs(4, MAX_FUSED_RANK + 1, MAX_FUSED_RANK + 1, MAX_FUSED_RANK + 1,
+                                torch.float32)
+    with pytest.raises(ValueError, match="rank"):
+        fused.svd_linear(x, U, s, V, b)
+
+
+def test_mixed_or_unsupported_dtypes_are_an_error():
+    x, U, s, V, b = make_inputs(4, 8, 6, 2, torch.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        fused.svd_linear(x.half(), U, s, V, b)
+    with pytest.raises(TypeError, match="dtype"):
+        fused.svd_linear(*(t.double() for t in (x, U, s, V, b)))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU autocast under the interpreter")
+def test_autocast_casts_to_the_autocast_dtype():
+    """Under autocast every operand is cast (like nn.Linear) and the kernel runs in fp16."""
+    x, U, s, V, b = make_inputs(25, 30, 20, 7, torch.float32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = fused.svd_linear(x, U, s, V, b)
+    assert y.dtype == torch.float16
+    ref = reference.svd_linear(*(t.half().double() for t in (x, U, s, V, b)))
+    assert_close(y, ref, torch.float16, "y")
+
+
+def test_opcheck_forward_and_backward_ops():
+    """Schema, fake tensors, autograd registration and AOT dispatch of both custom ops (the
+    backward op itself has no second derivative, so it is checked without grad inputs)."""
+    x, U, s, V, b = make_inputs(19, 21, 17, 5, torch.float32)
+    for args in ((x, U, s, V, b), (x, U, s, V, None)):
+        torch.library.opcheck(torch.ops.svdkern.svd_linear_fwd.default,
+                              tuple(t.detach().requires_grad_() if t is not None else t
+                                    for t in args))
+    dy = torch.randn(19, 17, device=DEVICE)
+    for need_dx, need_db in ((True, True), (False, False)):
+        torch.library.opcheck(torch.ops.svdkern.svd_linear_bwd_rows.default,
+                              (dy, x, U, s, V, need_dx, need_db))
+
+
+# ----------------------------------------------------------------------------- GPU only
+@cuda_only
+@pytest.mark.parametrize("B,n,m,r", [(300, 257, 193, 31), (1025, 768, 3072, 128)])
+def test_bf16_matches_reference(B, n, m, r):
+    check_against_reference(*make_inputs(B, n, m, r, torch.bfloat16), torch.bfloat16)
+
+
+@cuda_only
+def test_tf32_follows_torch_matmul_precision(monkeypatch):
+    """fp32 runs IEEE at "highest" (1e-5) and TF32 at "high" (1e-3)."""
+    inputs = make_inputs(513, 384, 320, 64, torch.float32)
+    check_against_reference(*inputs, torch.float32)
+    monkeypatch.setitem(TOL, torch.float32, 1e-3)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        check_against_reference(*inputs, torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@cuda_only
+@pytest.mark.parametrize("B,n,m,r", [(4096, 1024, 1024, 16), (4097, 1000, 4000, 100),
+                                     (8, 64, 64, 1)])
+def test_autotuned_configs_match_reference(B, n, m, r):
+    """Every shape key tunes anew: the chosen config must still be correct."""
+    check_against_reference(*make_inputs(B, n, m, r, torch.float16), torch.float16)
+
+
+@cuda_only
+def test_autocast_cuda_bf16_like_nn_linear():
+    x, U, s, V, b = make_inputs(130, 96, 80, 24, torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = fused.svd_linear(x, U, s, V, b)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, reference.svd_linear(*(t.double() for t in (x, U, s, V, b))),
+                 torch.bfloat16, "y")
+
+
+@cuda_only
+def test_int64_offsets_beyond_2_31_elements():
+    """x with more than 2^31 elements: the last rows must be addressed correctly."""
+    B, n, m, r = 2 ** 21 + 3, 1040, 16, 16
+    x = torch.randn(B, n, device="cuda", dtype=torch.float16)
+    _, U, s, V, b = make_inputs(1, n, m, r, torch.float16)
+    y = fused.svd_linear(x, U, s, V, b)
+    tail = x[-5:].double()
+    assert_close(y[-5:], reference.svd_linear(tail, U.double(), s.double(), V.double(),
+                                              b.double()), torch.float16, "y tail")
