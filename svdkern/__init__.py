@@ -16,3 +16,7 @@ __all__ = [
     "decompose", "export", "load", "ops", "prune", "reference", "save", "summary",
     "svd_layers",
 ]
+from .trainer import SVDTraining  # noqa: E402
+from .trp import TRP  # noqa: E402
+
+__all__ += ["SVDTraining", "TRP"]
