@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="cpu")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+        p.add_argument("--train-samples", type=int,
+                       help="train on the first N training samples only (quick checks)")
     train.add_argument("--energy", type=float, default=0.05,
                        help="energy threshold: fraction of sum s^2 pruning may drop")
     return parser
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         data = load_dataset(args.data, args.data_dir)
+        if args.train_samples is not None:
+            data = data.head(args.train_samples)
     except (FileNotFoundError, ValueError) as exc:
         print(f"svdkern: error: {exc}", file=sys.stderr)
         return 2

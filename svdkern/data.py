@@ -31,6 +31,13 @@ class Dataset:
     num_classes: int
     augment: bool = False
 
+    def head(self, n: int) -> "Dataset":
+        """The first `n` training samples only (quick checks); the test set is kept whole."""
+        if n < 1:
+            raise ValueError(f"need at least one training sample, got {n}")
+        return Dataset(self.name, self.train_x[:n], self.train_y[:n], self.test_x, self.test_y,
+                       self.num_classes, self.augment)
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])  # type: ignore[return-value]

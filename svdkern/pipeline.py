@@ -8,8 +8,8 @@
   fine-tune.
 
 Every method trains `epochs` epochs in all (svd and truncate: `epochs - finetune_epochs`
-then `finetune_epochs` of fine-tuning) under one step learning-rate schedule (x0.1 at 50%
-and 75% of the epochs, as in the paper's scripts). Several energy thresholds share the
+then `finetune_epochs` of fine-tuning). Each phase (training, fine-tuning) runs the paper's
+step schedule from the base learning rate: x0.1 at 50% and 75% of its epochs. Several energy thresholds share the
 training that does not depend on the threshold (svd and truncate up to pruning).
 """
 from __future__ import annotations
@@ -103,14 +103,16 @@ class Run:
         """A fresh optimizer after the parameters changed (post-hoc truncation)."""
         self.optimizer = make_optimizer(self.cfg, self.model)
 
-    def lr_at(self, epoch: int) -> float:
-        return self.cfg.lr * 0.1 ** sum(epoch >= int(f * self.cfg.epochs) for f in (0.5, 0.75))
+    def lr_at(self, epoch: int, phase: range) -> float:
+        """Step schedule within a phase: x0.1 at 50% and 75% of its epochs."""
+        done = epoch - phase.start
+        return self.cfg.lr * 0.1 ** sum(done >= int(f * len(phase)) for f in (0.5, 0.75))
 
     def train(self, epochs: range, label: str, penalty: Callable[[], Tensor] | None = None,
               after_backward: Callable[[], None] | None = None,
               after_step: Callable[[], object] | None = None,
               on_epoch: Callable[[int], None] | None = None) -> None:
-        """Train over `epochs` (absolute epoch numbers, for the schedule) with the hooks."""
+        """Train over `epochs` (absolute epoch numbers), one phase of the schedule."""
         from tqdm.auto import tqdm
 
         bar = tqdm(epochs, desc=label, leave=False, disable=not self.progress, file=sys.stderr)
@@ -118,7 +120,7 @@ class Run:
             if on_epoch is not None:
                 on_epoch(epoch)
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(epoch)
+                group["lr"] = self.lr_at(epoch, epochs)
             self.model.train()
             total = count = 0.0
             for x, y in batches(self.data.train_x, self.data.train_y, self.cfg.batch_size,

@@ -32,7 +32,8 @@ def plot_spectra(result: dict, path: str) -> None:
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{result['method']} (energy {result['energy']}): singular values per layer",
                  fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.25 / rows, top=1 - 0.55 / rows,
+                        hspace=0.5, wspace=0.3)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

@@ -9,7 +9,7 @@ import pytest
 
 from svdkern.cli import main
 
-TINY = ["--epochs", "2", "--finetune-epochs", "1", "--no-progress"]
+TINY = ["--epochs", "2", "--finetune-epochs", "1", "--no-progress", "--train-samples", "300"]
 
 
 def _check_png(path):

@@ -21,8 +21,8 @@ def test_resnet_sizes(name, params):
 
 def test_resnet_every_layer_decomposes_and_matches():
     torch.manual_seed(0)
-    model = build_model("resnet20", (3, 16, 16), 10).double().eval()
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    model = build_model("resnet20", (3, 8, 8), 10).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     ref = model(x)
     svd = decompose(model)
     assert not any(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in svd.modules())
