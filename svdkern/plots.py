@@ -58,19 +58,25 @@ def plot_ranks(result: dict, path: str) -> None:
 def plot_accuracy_flops(results: list[dict], path: str,
                         reference: tuple[str, float] | None = None) -> None:
     """Test accuracy against deployed FLOPs per sample (fraction of dense), one line per
-    method, points labelled by energy threshold; `reference` (label, accuracy) as a line."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    method, points labelled by energy threshold; `reference` (label, accuracy) as a line.
+    Points far below the best accuracy are drawn on the axis floor, labelled with it."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    accs = [r["accuracy"] for r in results] + ([reference[1]] if reference else [])
+    # the y axis shows at most 25 points below the best; lower points sit on the floor
+    floor = max(min(accs) - 1, max(accs) - 25)
     for method in dict.fromkeys(r["method"] for r in results):
         rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["deployed_flops"])
         xs = [r["deployed_flops"] / r["dense_flops"] for r in rows]
-        ys = [r["accuracy"] for r in rows]
+        ys = [max(r["accuracy"], floor) for r in rows]
         ax.plot(xs, ys, marker="o", color=COLORS.get(method), label=method)
         for x, y, r in zip(xs, ys, rows):
-            ax.annotate(f"{r['energy']:g}", (x, y), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            label = f"{r['energy']:g}" + (f" ({r['accuracy']:.0f}%)" if r["accuracy"] < floor else "")
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_ylim(floor - 0.5, max(accs) + 1)
     if reference is not None:
         ax.axhline(reference[1], color="black", ls=":", label=reference[0])
-    ax.set_xlabel("FLOPs per sample / dense FLOPs (deployed)")
+    ax.set_xlabel("FLOPs per sample / dense FLOPs (deployed, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
