@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", choices=MODELS, default="cnn")
         p.add_argument("--data", choices=DATASETS, default="digits")
         p.add_argument("--data-dir", help="CIFAR-10 python batches folder (--data cifar10)")
-        p.add_argument("--epochs", type=int, help="total epochs per method (digits 30, cifar10 164)")
+        p.add_argument("--epochs", type=int, help="total epochs per method (digits 20, cifar10 164)")
         p.add_argument("--finetune-epochs", type=int,
                        help="of those, epochs of fine-tuning after pruning (default a quarter)")
         p.add_argument("--batch-size", type=int, help="default 100 (svd, truncate), 128 (trp)")

@@ -66,7 +66,7 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """Fill the defaults: SVD training and truncation use the paper's Adam (lr 1e-3,
         batch 100), TRP its official SGD (lr 0.1, momentum 0.9, weight decay 1e-4, batch
-        128); 164 epochs on CIFAR-10, 30 on digits; a quarter of them fine-tuning."""
+        128); 164 epochs on CIFAR-10, 20 on digits (a quick CPU run); a quarter of them fine-tuning."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
         if self.sparsity not in SPARSITY_STRENGTH:
@@ -74,7 +74,7 @@ class TrainConfig:
         if not 0 <= self.energy < 1:
             raise ValueError(f"energy must be in [0, 1), got {self.energy}")
         sgd = self.method == "trp"
-        epochs = self.epochs if self.epochs is not None else (30 if self.data == "digits" else 164)
+        epochs = self.epochs if self.epochs is not None else (20 if self.data == "digits" else 164)
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         ft = self.finetune_epochs if self.finetune_epochs is not None else epochs // 4
