@@ -66,7 +66,8 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """Fill the defaults: SVD training and truncation use the paper's Adam (lr 1e-3,
         batch 100), TRP its official SGD (lr 0.1, momentum 0.9, weight decay 1e-4, batch
-        128); 164 epochs on CIFAR-10, 20 on digits (a quick CPU run); a quarter of them fine-tuning."""
+        128); 164 epochs on CIFAR-10, 20 on digits (a quick CPU run), a quarter of them
+        fine-tuning."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
         if self.sparsity not in SPARSITY_STRENGTH:
@@ -74,6 +75,7 @@ class TrainConfig:
         if not 0 <= self.energy < 1:
             raise ValueError(f"energy must be in [0, 1), got {self.energy}")
         sgd = self.method == "trp"
+        optimizer = self.optimizer or ("sgd" if sgd else "adam")
         epochs = self.epochs if self.epochs is not None else (20 if self.data == "digits" else 164)
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -83,8 +85,8 @@ class TrainConfig:
         return replace(
             self, epochs=epochs, finetune_epochs=ft,
             batch_size=self.batch_size or (128 if sgd else 100),
-            optimizer=self.optimizer or ("sgd" if sgd else "adam"),
-            lr=self.lr if self.lr is not None else (0.1 if (self.optimizer or ("sgd" if sgd else "adam")) == "sgd" else 1e-3),
+            optimizer=optimizer,
+            lr=self.lr if self.lr is not None else (0.1 if optimizer == "sgd" else 1e-3),
             weight_decay=self.weight_decay if self.weight_decay is not None else (1e-4 if sgd else 0.0),
             lambda_s=self.lambda_s if self.lambda_s is not None else SPARSITY_STRENGTH[self.sparsity])
 
