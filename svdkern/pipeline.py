@@ -9,8 +9,9 @@
 
 Every method trains `epochs` epochs in all (svd and truncate: `epochs - finetune_epochs`
 then `finetune_epochs` of fine-tuning). Each phase (training, fine-tuning) runs the paper's
-step schedule from the base learning rate: x0.1 at 50% and 75% of its epochs. Several energy thresholds share the
-training that does not depend on the threshold (svd and truncate up to pruning).
+step schedule from the base learning rate: x0.1 at 50% and 75% of its epochs. Several
+energy thresholds share the training that does not depend on the threshold (svd and
+truncate up to pruning).
 """
 from __future__ import annotations
 
