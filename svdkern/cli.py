@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, help="default 100 (svd, truncate), 128 (trp)")
         p.add_argument("--optimizer", choices=("adam", "sgd"),
                        help="default adam (svd, truncate; the paper), sgd (trp; its code)")
-        p.add_argument("--lr", type=float, help="default 1e-3 for adam, 0.1 for sgd")
+        p.add_argument("--lr", type=float,
+                       help="default 1e-3 for adam, 0.1 for sgd (compare: every method run)")
         p.add_argument("--weight-decay", type=float, help="default 0 (adam), 1e-4 (sgd)")
         p.add_argument("--lambda-o", type=float, default=1.0, help="orthogonality weight")
         p.add_argument("--lambda-s", type=float,
