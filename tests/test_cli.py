@@ -7,6 +7,7 @@ import sys
 import matplotlib.image as mpimg
 import pytest
 
+from cifar_files import write_cifar_folder
 from svdkern.cli import main
 
 TINY = ["--epochs", "2", "--finetune-epochs", "1", "--no-progress", "--train-samples", "300"]
@@ -57,6 +58,16 @@ def test_compare_runs_three_methods(tmp_path, capsys):
     assert table.count("\n| ") == 7 and "| dense |" in table
     assert table.splitlines()[0] in (out / "compare.md").read_text()
     _check_png(out / "accuracy_vs_flops.png")
+
+
+def test_train_on_cifar_folder(tmp_path):
+    write_cifar_folder(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--model", "cnn",
+                 "--method", "truncate", "--out", str(out), *TINY]) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["config"]["data"] == "cifar10" and r["summary"]["layers"][0]["shape"] == [32, 27]
+    assert len(r["history"]) == 2
 
 
 def test_missing_cifar_folder_is_a_clear_error(tmp_path, capsys):

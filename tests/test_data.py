@@ -7,23 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from cifar_files import write_cifar_folder
 from svdkern.data import CIFAR_FILES, batches, load_cifar10, load_dataset, load_digits
-
-
-def _write_batch(path, n, seed):
-    rng = np.random.default_rng(seed)
-    batch = {b"batch_label": b"training batch", b"labels": rng.integers(0, 10, n).tolist(),
-             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-             b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
-    with open(path, "wb") as f:
-        pickle.dump(batch, f, protocol=2)  # the CIFAR files are protocol-2 pickles
-    return batch
 
 
 @pytest.fixture
 def cifar_dir(tmp_path):
-    batches_ = {name: _write_batch(tmp_path / name, 4 + i, i) for i, name in enumerate(CIFAR_FILES)}
-    return tmp_path, batches_
+    return tmp_path, write_cifar_folder(tmp_path)
 
 
 def test_digits_split_and_shapes():
