@@ -97,7 +97,10 @@ def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != 3072:
         raise ValueError(f"CIFAR-10 file {path}: 'data' must be a uint8 array (N, 3072)")
-    labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
+    try:
+        labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
+    except (TypeError, ValueError):
+        labels = np.zeros(0, np.int64)
     if labels.shape != (data.shape[0],) or labels.size == 0 or labels.min() < 0 \
             or labels.max() > 9:
         raise ValueError(f"CIFAR-10 file {path}: 'labels' must be {data.shape[0]} ints in 0..9")
@@ -107,9 +110,9 @@ def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
 def load_cifar10(data_dir: str) -> Dataset:
     """CIFAR-10 from the folder of its python batches, normalized per channel."""
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"CIFAR-10 folder {data_dir!r} does not exist (download and "
-                                "extract cifar-10-python.tar.gz, then pass its "
-                                "cifar-10-batches-py folder)")
+        raise FileNotFoundError(f"CIFAR-10 folder {data_dir!r} does not exist or is not a "
+                                "folder (download and extract cifar-10-python.tar.gz, then "
+                                "pass its cifar-10-batches-py folder)")
     missing = [f for f in CIFAR_FILES if not os.path.isfile(os.path.join(data_dir, f))]
     if missing:
         raise FileNotFoundError(f"CIFAR-10 folder {data_dir!r} lacks {', '.join(missing)}")

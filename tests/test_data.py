@@ -58,6 +58,10 @@ def test_wrong_content(cifar_dir):
         pickle.dump({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}, f, protocol=2)
     with pytest.raises(ValueError, match="test_batch: 'data'"):
         load_cifar10(str(folder))
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": ["cat", "dog"]}, f)
+    with pytest.raises(ValueError, match="test_batch: 'labels'"):
+        load_cifar10(str(folder))
 
 
 class _Evil:
