@@ -11,7 +11,8 @@ setup(
     packages=["svdkern", "svdkern.kernels"],
     package_dir={"svdkern": "svdkern", "svdkern.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy",
+                      "scikit-learn", "matplotlib", "tqdm"],  # training CLI: data, plots, bars
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest>=8", "hypothesis>=6", "triton>=3.0"],

@@ -5,17 +5,17 @@ from .checkpoint import load, save
 from .convert import decompose
 from .export import export
 from .layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
+from .ops import Plan, explain
 from .pruning import PruneRecord, prune
 from .regularizers import SVDRegularizer
 from .report import ModelSummary, summary
+from .trainer import SVDTraining
+from .trp import TRP
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SVDConv2d", "SVDLayer", "SVDLinear", "SVDRegularizer", "ModelSummary", "PruneRecord",
-    "decompose", "export", "load", "ops", "prune", "reference", "save", "summary",
-    "svd_layers",
+    "Plan", "SVDConv2d", "SVDLayer", "SVDLinear", "SVDRegularizer", "SVDTraining", "TRP",
+    "ModelSummary", "PruneRecord", "decompose", "explain", "export", "load", "ops", "prune",
+    "reference", "save", "summary", "svd_layers",
 ]
-from .ops import Plan, explain  # noqa: E402  (layer-kernel issue: dispatch plan of SVD layers)
-
-__all__ += ["Plan", "explain"]

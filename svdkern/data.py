@@ -1,0 +1,154 @@
+"""Data sets of the training CLI, held as in-memory tensors: scikit-learn's bundled digits
+(no download) and CIFAR-10 read from its standard python batches with a restricted
+unpickler, so a tampered file cannot execute code."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DATASETS = ("digits", "cifar10")
+CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class Dataset:
+    """Train/test tensors: images (N, C, H, W) float32, labels (N,) int64."""
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    augment: bool = False
+
+    def head(self, n: int) -> "Dataset":
+        """The first `n` training samples only (quick checks); the test set is kept whole."""
+        if n < 1:
+            raise ValueError(f"need at least one training sample, got {n}")
+        return Dataset(self.name, self.train_x[:n], self.train_y[:n], self.test_x, self.test_y,
+                       self.num_classes, self.augment)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+
+def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+    if name == "digits":
+        return load_digits()
+    if name == "cifar10":
+        if not data_dir:
+            raise ValueError("--data cifar10 needs --data-dir DIR (the folder holding "
+                             "data_batch_1..5 and test_batch of the CIFAR-10 python version)")
+        return load_cifar10(data_dir)
+    raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
+
+
+def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+    """scikit-learn's 1797 8x8 digits as 1x8x8 images in [0, 1], a fixed stratified split
+    (the same for every run and method, whatever the training seed)."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_digits()
+    x = bunch.images.astype(np.float32)[:, None] / 16.0
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction,
+                                              random_state=split_seed, stratify=y)
+    return Dataset("digits", *map(torch.from_numpy, (x_tr, y_tr, x_te, y_te)), num_classes=10)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Resolves only what a CIFAR-10 batch (a dict of bytes, lists and one numpy array)
+    needs; any other global, and so any code a tampered pickle would run, is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) of one CIFAR-10 python batch file."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, UnicodeDecodeError) as exc:
+        raise ValueError(f"CIFAR-10 file {path} is corrupt or not a CIFAR-10 python batch: "
+                         f"{exc}") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"CIFAR-10 file {path}: expected a dict, got {type(batch).__name__}")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3072:
+        raise ValueError(f"CIFAR-10 file {path}: 'data' must be a uint8 array (N, 3072)")
+    try:
+        labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
+    except (TypeError, ValueError):
+        labels = np.zeros(0, np.int64)
+    if labels.shape != (data.shape[0],) or labels.size == 0 or labels.min() < 0 \
+            or labels.max() > 9:
+        raise ValueError(f"CIFAR-10 file {path}: 'labels' must be {data.shape[0]} ints in 0..9")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(data_dir: str) -> Dataset:
+    """CIFAR-10 from the folder of its python batches, normalized per channel."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"CIFAR-10 folder {data_dir!r} does not exist or is not a "
+                                "folder (download and extract cifar-10-python.tar.gz, then "
+                                "pass its cifar-10-batches-py folder)")
+    missing = [f for f in CIFAR_FILES if not os.path.isfile(os.path.join(data_dir, f))]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 folder {data_dir!r} lacks {', '.join(missing)}")
+    parts = [read_cifar_batch(os.path.join(data_dir, f)) for f in CIFAR_FILES]
+    train_x = np.concatenate([p[0] for p in parts[:5]])
+    train_y = np.concatenate([p[1] for p in parts[:5]])
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+
+    def norm(a: np.ndarray) -> Tensor:
+        return (torch.from_numpy(a).float() / 255 - mean) / std
+
+    return Dataset("cifar10", norm(train_x), torch.from_numpy(train_y), norm(parts[5][0]),
+                   torch.from_numpy(parts[5][1]), num_classes=10, augment=True)
+
+
+def batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator | None = None,
+            augment: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Mini-batches, shuffled when `generator` is given; `augment` applies the standard
+    CIFAR random crop (4-pixel zero padding) and horizontal flip."""
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        xb = x[idx]
+        if augment:
+            xb = _crop_flip(xb, generator)
+        yield xb, y[idx]
+
+
+def _crop_flip(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 9, (n,), generator=generator).tolist()
+    out = torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out

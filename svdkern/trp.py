@@ -1,0 +1,147 @@
+"""TRP, Trained Rank Pruning (Xu et al.; SPEC section 2): dense layers, a nuclear-norm
+subgradient added to their gradients, and a periodic truncation of every weight to the rank
+the energy rule keeps. The network is exported at the ranks of the last truncation.
+
+SVDs are taken in fp32 whatever the model's dtype and batched: every weight matrix of the
+same shape goes through one `torch.linalg.svd` call on the stacked matrices.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from .convert import set_submodule
+from .layers import SVDConv2d, SVDLinear, _explicit_padding
+from .reference import SCHEMES, ConvSpec, conv_matrix_to_weight, conv_weight_to_matrix, energy_keep_count
+
+
+class TRP:
+    """Drive TRP on `model`'s `nn.Linear` and `nn.Conv2d` layers inside any training loop.
+
+    Call `after_backward()` once the task loss has been back-propagated (it adds
+    `nuclear * U_k V_k^T` to each weight's gradient, with `U_k, V_k` the factors the energy
+    rule keeps, as in the official code), and `after_step()` after `optimizer.step()` (every
+    `period` calls it replaces each weight by its rank-k truncated SVD). `ranks` holds the
+    ranks of the last truncation; `to_svd()` builds the low-rank model at those ranks.
+
+    `energy` is the fraction of `sum s_j^2` a truncation may drop (0.1 keeps 0.9, the
+    official default); `scheme` picks the conv matrix layout ("channel" or "spatial").
+    """
+
+    def __init__(self, model: nn.Module, energy: float = 0.1, nuclear: float = 3e-4,
+                 period: int = 5, scheme: str = "channel", skip: Iterable[str] = ()) -> None:
+        if not (isinstance(energy, (int, float)) and 0 <= energy < 1):
+            raise ValueError(f"TRP: energy must be in [0, 1), got {energy!r}")
+        if not (isinstance(nuclear, (int, float)) and math.isfinite(nuclear) and nuclear >= 0):
+            raise ValueError(f"TRP: nuclear must be a finite number >= 0, got {nuclear!r}")
+        if not (isinstance(period, int) and period >= 1):
+            raise ValueError(f"TRP: period must be an integer >= 1, got {period!r}")
+        if scheme not in SCHEMES:
+            raise ValueError(f"TRP: unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        skipped = {skip} if isinstance(skip, str) else set(skip)
+        self.layers = {name: m for name, m in model.named_modules()
+                       if isinstance(m, (nn.Linear, nn.Conv2d)) and name not in skipped}
+        if not self.layers:
+            raise ValueError("TRP: the model has no nn.Linear or nn.Conv2d layer to truncate")
+        self.model = model
+        self.energy = float(energy)
+        self.nuclear = float(nuclear)
+        self.period = period
+        self.scheme = scheme
+        self.specs = {name: _spec(name, m, scheme) for name, m in self.layers.items()
+                      if isinstance(m, nn.Conv2d)}
+        self.steps = 0
+        self.ranks: dict[str, int] = {name: min(self.matrices(name).shape[-2:])
+                                      for name in self.layers}
+
+    # ------------------------------------------------------------------ matrices
+    def matrices(self, name: str, weight: Tensor | None = None) -> Tensor:
+        """Layer `name`'s weight (or `weight`, shaped like it) as (g, rows, cols) matrices."""
+        w = self.layers[name].weight if weight is None else weight
+        return w.unsqueeze(0) if name not in self.specs else conv_weight_to_matrix(w, self.specs[name])
+
+    def _to_weight(self, name: str, mats: Tensor) -> Tensor:
+        return mats.squeeze(0) if name not in self.specs else conv_matrix_to_weight(mats, self.specs[name])
+
+    @torch.no_grad()
+    def low_rank_parts(self, source: str = "weight") -> dict[str, tuple[Tensor, Tensor, Tensor, int]]:
+        """Per layer, the fp32 factors (U, s, Vh) of its (g, rows, cols) matrices and the rank
+        k the energy rule keeps (the largest any group needs). One batched SVD per shape."""
+        by_shape: dict[tuple, list[str]] = defaultdict(list)
+        for name in self.layers:
+            by_shape[tuple(self.matrices(name).shape)].append(name)
+        parts = {}
+        for names in by_shape.values():
+            stack = torch.cat([self.matrices(n).detach().float() for n in names])
+            U, s, Vh = torch.linalg.svd(stack, full_matrices=False)
+            g = stack.shape[0] // len(names)
+            for i, name in enumerate(names):
+                sl = slice(i * g, (i + 1) * g)
+                k = max(energy_keep_count(group, self.energy) for group in s[sl])
+                parts[name] = (U[sl], s[sl], Vh[sl], k)
+        return parts
+
+    # ------------------------------------------------------------------ the two TRP steps
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Add the nuclear-norm subgradient `nuclear * U_k V_k^T` to every weight gradient."""
+        if self.nuclear == 0:
+            return
+        for name, (U, _, Vh, k) in self.low_rank_parts().items():
+            layer = self.layers[name]
+            sub = self._to_weight(name, U[..., :k] @ Vh[..., :k, :]).to(layer.weight.dtype)
+            if layer.weight.grad is None:
+                layer.weight.grad = self.nuclear * sub
+            else:
+                layer.weight.grad.add_(sub, alpha=self.nuclear)
+
+    @torch.no_grad()
+    def after_step(self) -> bool:
+        """Count one optimizer step; every `period` steps truncate. Returns whether it did."""
+        self.steps += 1
+        if self.steps % self.period:
+            return False
+        self.truncate()
+        return True
+
+    @torch.no_grad()
+    def truncate(self) -> dict[str, int]:
+        """Replace every weight by its rank-k truncated SVD (k by the energy rule), in place."""
+        for name, (U, s, Vh, k) in self.low_rank_parts().items():
+            layer = self.layers[name]
+            low = (U[..., :k] * s[..., None, :k]) @ Vh[..., :k, :]
+            layer.weight.copy_(self._to_weight(name, low).to(layer.weight.dtype))
+            self.ranks[name] = k
+        return dict(self.ranks)
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def to_svd(self) -> nn.Module:
+        """A copy of the model with every TRP layer as an SVD layer at its last truncation
+        rank (truncating the current weights there); `svdkern.export` makes it plain."""
+        out = copy.deepcopy(self.model)
+        for name, layer in self.layers.items():
+            new_layer = copy.deepcopy(layer)
+            label = name or type(layer).__name__
+            rank = self.ranks[name]
+            svd = (SVDLinear.from_dense(new_layer, rank=rank, name=label)
+                   if isinstance(layer, nn.Linear) else
+                   SVDConv2d.from_dense(new_layer, self.scheme, rank=rank, name=label))
+            if name == "":
+                return svd
+            set_submodule(out, name, svd)
+        return out
+
+
+def _spec(name: str, conv: nn.Conv2d, scheme: str) -> ConvSpec:
+    kernel, dil, stride = _pair(conv.kernel_size), _pair(conv.dilation), _pair(conv.stride)
+    return ConvSpec(conv.in_channels, conv.out_channels, kernel, stride,
+                    _explicit_padding(name or "Conv2d", conv.padding, kernel, dil, stride),
+                    dil, conv.groups, conv.padding_mode, scheme)

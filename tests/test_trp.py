@@ -1,0 +1,124 @@
+"""TRP: nuclear subgradient and truncation against hand-computed cases, batching by shape,
+conv schemes, export at the final ranks."""
+import pytest
+import torch
+import torch.nn as nn
+
+from svdkern import TRP, SVDConv2d, SVDLinear, export, svd_layers
+from svdkern.reference import ConvSpec, conv_matrix_to_weight, conv_weight_to_matrix
+
+
+def _linear_with_weight(w: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    return layer
+
+
+def test_nuclear_subgradient_hand_computed():
+    # W = diag(3, 2, 1): U = V = I. Energy 0.1 of 14 = 1.4 drops only s=1 (energy 1), so
+    # k = 2 and the subgradient is nuclear * diag(1, 1, 0), added to the existing gradient.
+    layer = _linear_with_weight(torch.diag(torch.tensor([3.0, 2.0, 1.0])))
+    layer.weight.grad = torch.ones(3, 3)
+    TRP(layer, energy=0.1, nuclear=0.5).after_backward()
+    expected = torch.ones(3, 3) + 0.5 * torch.diag(torch.tensor([1.0, 1.0, 0.0]))
+    torch.testing.assert_close(layer.weight.grad, expected)
+
+
+def test_nuclear_subgradient_rotated_matrix_full_rank():
+    # energy 0: k = full rank and U V^T is the orthogonal polar factor: for W = Q diag(s),
+    # Q orthogonal, U V^T = Q.
+    q, _ = torch.linalg.qr(torch.tensor([[2.0, 1.0], [1.0, 3.0]]))
+    layer = _linear_with_weight(q @ torch.diag(torch.tensor([5.0, 0.5])))
+    TRP(layer, energy=0.0, nuclear=1.0).after_backward()
+    torch.testing.assert_close(layer.weight.grad, q, atol=1e-5, rtol=1e-5)
+
+
+def test_truncation_every_period_steps_hand_computed():
+    w = torch.diag(torch.tensor([4.0, 2.0, 0.5, 0.1]))[:, :3]  # 4x3, s = (4, 2, 0.5)
+    layer = _linear_with_weight(w)
+    trp = TRP(layer, energy=0.05, nuclear=0.0, period=3)
+    # 0.05 * (16 + 4 + 0.25) = 1.0125: drops 0.25 only -> rank 2
+    assert [trp.after_step() for _ in range(2)] == [False, False]
+    torch.testing.assert_close(layer.weight.detach(), w)
+    assert trp.after_step() is True
+    torch.testing.assert_close(layer.weight.detach(), torch.diag(torch.tensor([4.0, 2.0, 0.0, 0.0]))[:, :3])
+    assert trp.ranks == {"": 2}
+
+
+def test_truncation_matches_per_layer_svd_batched_by_shape():
+    torch.manual_seed(0)
+    mods = nn.ModuleDict({"a": nn.Linear(7, 5), "b": nn.Linear(7, 5), "c": nn.Linear(5, 3)})
+    ref = {k: m.weight.detach().clone() for k, m in mods.items()}
+    trp = TRP(mods, energy=0.2, nuclear=0.0)
+    trp.truncate()
+    for name, w in ref.items():
+        U, s, Vh = torch.linalg.svd(w.double())
+        e2 = s.pow(2)
+        k = len(s)
+        while k > 1 and e2[k - 1:].sum() <= 0.2 * e2.sum():
+            k -= 1
+        expected = (U[:, :k] * s[:k]) @ Vh[:k]
+        assert trp.ranks[name] == k
+        torch.testing.assert_close(mods[name].weight.detach().double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_conv_truncation_uses_scheme_matrix(scheme):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 5, (3, 2), padding=1)
+    spec = ConvSpec(3, 5, (3, 2), (1, 1), (1, 1), (1, 1), 1, "zeros", scheme)
+    mat = conv_weight_to_matrix(conv.weight.detach(), spec).double()
+    trp = TRP(conv, energy=0.3, nuclear=0.0, scheme=scheme)
+    trp.truncate()
+    k = trp.ranks[""]
+    U, s, Vh = torch.linalg.svd(mat)
+    expected = conv_matrix_to_weight((U[..., :k] * s[..., None, :k]) @ Vh[..., :k, :], spec)
+    assert k < min(mat.shape[-2:])
+    torch.testing.assert_close(conv.weight.detach().double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_to_svd_exports_at_final_ranks_and_computes_truncated_function():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 5 * 5, 4))
+    trp = TRP(model, energy=0.25, nuclear=0.0, period=1)
+    trp.after_step()
+    svd = trp.to_svd()
+    layers = dict(svd_layers(svd))
+    assert isinstance(layers["0"], SVDConv2d) and isinstance(layers["3"], SVDLinear)
+    assert {n: l.rank for n, l in layers.items()} == trp.ranks
+    assert all(not isinstance(m, (SVDConv2d, SVDLinear)) for m in model.modules())
+    x = torch.randn(3, 2, 5, 5)
+    torch.testing.assert_close(svd(x), model(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(export(svd)(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_nuclear_pushes_singular_values_down_under_sgd():
+    torch.manual_seed(3)
+    q1, _ = torch.linalg.qr(torch.randn(6, 6))
+    q2, _ = torch.linalg.qr(torch.randn(6, 6))
+    layer = _linear_with_weight(q1 @ torch.diag(torch.arange(1.0, 7.0)) @ q2)
+    before = torch.linalg.svdvals(layer.weight.detach()).sum()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    trp = TRP(layer, energy=0.0, nuclear=0.1, period=1000)
+    for _ in range(3):
+        opt.zero_grad()
+        trp.after_backward()
+        opt.step()
+    after = torch.linalg.svdvals(layer.weight.detach()).sum()
+    # W - lr nuclear U V^T = U (S - 0.01 I) V^T: every singular value drops by 0.01 a step
+    torch.testing.assert_close(after, before - 3 * 6 * 0.01, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(energy=1.0), "energy"), (dict(nuclear=-1.0), "nuclear"), (dict(period=0), "period"),
+    (dict(scheme="diag"), "scheme")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TRP(nn.Linear(3, 3), **kwargs)
+
+
+def test_model_without_layers_is_an_error():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        TRP(nn.ReLU())
