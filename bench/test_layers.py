@@ -26,6 +26,7 @@ def test_layer_alternatives_agree(shape, preset, device):
         torch.manual_seed(1)
         results[alternative] = layer_case(shape, alternative, preset, device)()
     y0, dx0 = results["dense"]
+    tol = 1e-4 if device.type == "cpu" else 5e-3  # GPU kernels may use TF32 for fp32
     for alternative, (y, dx) in results.items():
-        torch.testing.assert_close(y, y0, rtol=1e-4, atol=1e-4, msg=alternative)
-        torch.testing.assert_close(dx, dx0, rtol=1e-4, atol=1e-4, msg=alternative)
+        torch.testing.assert_close(y, y0, rtol=tol, atol=tol, msg=alternative)
+        torch.testing.assert_close(dx, dx0, rtol=tol, atol=tol, msg=alternative)
