@@ -98,14 +98,14 @@ def layer_shapes(p: Preset) -> list[LayerShape]:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(fn: Callable, dynamic: bool) -> Callable:
+def compiled(fn: Callable, p: Preset) -> Callable:
     """One `torch.compile` wrapper per function, shared by every case (graphs are cached
     per shape, or one dynamic graph serves them all)."""
     limits = torch._dynamo.config
     for knob in ("recompile_limit", "cache_size_limit"):
         if hasattr(limits, knob):
             setattr(limits, knob, max(getattr(limits, knob), 256))
-    return torch.compile(fn, dynamic=dynamic)
+    return torch.compile(fn, dynamic=p.compile_dynamic, backend=p.compile_backend)
 
 
 def _orthonormal(rows: int, r: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -130,7 +130,7 @@ def layer_case(shape: LayerShape, alternative: str, p: Preset,
         W = reference.materialize(U, s, V).detach().requires_grad_()
         params, forward = (W,), lambda x: F.linear(x, W)
     elif alternative == "compiled reference":
-        fn = compiled(reference.svd_linear, p.compile_dynamic)
+        fn = compiled(reference.svd_linear, p)
         params, forward = (U, s, V), lambda x: fn(x, U, s, V)
     elif alternative in ("eager reference", "svdkern"):
         backend_name = "auto" if alternative == "svdkern" else "reference"
@@ -187,7 +187,7 @@ def regularizer_case(name: str, alternative: str, p: Preset,
     model = svd_model(name, p, device)
     reg, params = SVDRegularizer(model), _params(model)
     if alternative == "compiled loop":
-        fn = compiled(_regularizer_loop, p.compile_dynamic)
+        fn = compiled(_regularizer_loop, p)
 
         def loss() -> Tensor:
             layers = [layer for _, layer in svd_layers(model)]

@@ -29,6 +29,7 @@ class Preset:
     classes: int
     dtype: torch.dtype        # layer and training-step dtype (bf16 under autocast on GPU)
     compile_dynamic: bool     # one dynamic-shape graph instead of one graph per shape
+    compile_backend: str      # "inductor"; the smoke run traces with "aot_eager" (no codegen)
     min_time_s: float         # CPU timing: measure each alternative for at least this long
 
     def width(self, w: int) -> int:
@@ -37,11 +38,11 @@ class Preset:
 
 PRESETS = {
     "gpu": Preset("gpu", 1, 224, 32, 32, (3, 4, 6, 3), 64, 196, 16, 1024, 12, 50257, 1000,
-                  torch.bfloat16, False, 0.0),
+                  torch.bfloat16, False, "inductor", 0.0),
     "cpu": Preset("cpu", 4, 64, 2, 16, (3, 4, 6, 3), 2, 64, 2, 64, 12, 2048, 100,
-                  torch.float32, True, 0.2),
+                  torch.float32, True, "inductor", 0.2),
     "smoke": Preset("smoke", 16, 32, 2, 1, (1, 1, 1, 1), 1, 16, 1, 16, 2, 256, 10,
-                    torch.float32, True, 0.0),
+                    torch.float32, True, "aot_eager", 0.0),
 }
 
 

@@ -85,7 +85,8 @@ def run(p: Preset, device: torch.device, groups: list[str], log=print) -> dict:
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "preset": p.name, "dtype": str(p.dtype).replace("torch.", ""),
-        "compile_dynamic": p.compile_dynamic, "torch": torch.__version__,
+        "compile_dynamic": p.compile_dynamic, "compile_backend": p.compile_backend,
+        "torch": torch.__version__,
         "triton": _version("triton"), "svdkern": svdkern.__version__,
         "svdkern_backend": _auto_backend(device),
         "command": "python -m " + " ".join(["bench.report", *sys.argv[1:]]),
@@ -155,7 +156,7 @@ def markdown(report: dict) -> str:
                 f"{_x(_t(alts, 'compiled reference'), k['time_ms'])} |")
         lines += ["", "TFLOP/s and the floor count the cheaper of the factorized chain and the "
                   "materialized path (bench/cost.py); dense rows count the dense GEMMs.", ""]
-    steps = {case: alts for case, alts in _by_case(rows, "step").items()}
+    steps = _by_case(rows, "step")
     reg = _by_case(rows, "regularizer")
     if reg:
         lines += ["## Regularizer loss + backward over all SVD layers (orthogonality + Hoyer)",

@@ -48,11 +48,6 @@ def rotating(sets: Sequence[T]) -> Callable[[], T]:
     return lambda: next(it)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_ceilings(device: torch.device, dtype: torch.dtype, min_time_s: float = 0.2) -> dict:
     """Copy bandwidth (a large device copy, bytes read + written) and the matrix rate (a
     large square matmul in the cases' dtype), measured now, in this process."""
