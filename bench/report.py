@@ -2,7 +2,10 @@
 write `bench/results/<device>-<date>.json` (every measurement) and `.md` (the tables).
 
     python -m bench.report                      # every group, preset gpu on CUDA else cpu
-    python -m bench.report --preset cpu --only layers regularizer
+    python -m bench.report --preset cpu --only layers regularizer --models gpt2
+
+A subset run (`--only`, `--models`) names its files after the subset, so runs split to fit a
+time limit never overwrite each other; each file holds the ceilings of its own run.
 
 Times are medians (CUDA events via triton.testing.do_bench on GPU, perf_counter on CPU).
 The roofline ceilings (copy bandwidth, matrix rate) are measured at the start of the same
@@ -52,7 +55,8 @@ def record(group: str, case: str, alternative: str, ms: float, ceilings: dict,
     return row
 
 
-def run(p: Preset, device: torch.device, groups: list[str], log=print) -> dict:
+def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, ...] = MODELS,
+        log=print) -> dict:
     ceilings = measure_ceilings(device, p.dtype, max(p.min_time_s, 0.2))
     log(f"ceilings: {ceilings}")
     rows: list[dict] = []
@@ -68,7 +72,7 @@ def run(p: Preset, device: torch.device, groups: list[str], log=print) -> dict:
             for alt in LAYER_ALTERNATIVES:
                 timed("layers", shape.id, alt, layer_case(shape, alt, p, device),
                       flops=shape.flops(alt), nbytes=shape.bytes(alt, itemsize))
-    for model in MODELS:
+    for model in models:
         if "regularizer" in groups:
             mats, flops, nbytes = regularizer_work(model, p, device)
             for alt in REGULARIZER_ALTERNATIVES:
@@ -82,7 +86,7 @@ def run(p: Preset, device: torch.device, groups: list[str], log=print) -> dict:
                 timed("inference", model, alt, inference_case(model, alt, p, device))
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        f"CPU ({platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()})",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "preset": p.name, "dtype": str(p.dtype).replace("torch.", ""),
         "compile_dynamic": p.compile_dynamic, "compile_backend": p.compile_backend,
@@ -202,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="sizes (default: gpu on CUDA, cpu otherwise)")
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="stacks of the whole-model groups")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     args = parser.parse_args(argv)
@@ -209,10 +215,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = default_device()
     p = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
-    report = run(p, device, args.only, log=lambda s: print(s, flush=True))
+    report = run(p, device, args.only, args.models, log=lambda s: print(s, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    stem = args.out / f"{device_slug(device)}-{today}"
+    subset = [g for g in GROUPS if g in args.only] + [m for m in MODELS if m in args.models]
+    suffix = "" if len(subset) == len(GROUPS) + len(MODELS) else "-" + "-".join(subset)
+    stem = args.out / f"{device_slug(device)}-{today}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(markdown(report))
     print(f"wrote {stem}.json and {stem}.md")
