@@ -1,0 +1,272 @@
+"""Every benchmark case and its alternatives, as zero-argument callables.
+
+A case is built for one preset and device; each alternative runs the same computation a
+user could pick instead:
+- layers: "dense" (`F.linear` of the same weight), "eager reference" (backend reference),
+  "compiled reference" (`torch.compile` of `reference.svd_linear`), "svdkern" (backend
+  auto: Triton on CUDA once the kernels are merged, the reference elsewhere);
+- regularizer (loss + backward over all SVD layers of a model): "eager loop", "compiled
+  loop", "svdkern";
+- training step (forward, backward, regularizer, Adam): "dense", "SVD reference", "svdkern";
+- inference after truncating every layer to a fixed fraction of its rank: "dense" versus
+  the "exported low-rank" model (`svdkern.export`).
+The pytest suite and the report script both build their callables here, so they time the
+same thing.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from svdkern import SVDRegularizer, backend, decompose, export, ops, reference, svd_layers
+from svdkern.pruning import _apply as apply_rank_index
+
+from . import cost
+from .config import Preset
+from .models import MODELS, batch, build, task_loss
+from .timing import rotating, rotation_count
+
+LAYER_ALTERNATIVES = ("dense", "eager reference", "compiled reference", "svdkern")
+REGULARIZER_ALTERNATIVES = ("eager loop", "compiled loop", "svdkern")
+STEP_ALTERNATIVES = ("dense", "SVD reference", "svdkern")
+INFERENCE_ALTERNATIVES = ("dense", "exported low-rank")
+INFERENCE_RANK_FRACTION = 0.25
+
+# (model, layer, input channels or features, kernel taps, output features, output side at
+# 224 px or None for token rows): the GEMM has n = channels * taps inputs.
+LAYER_SOURCES = (
+    ("resnet50", "layer1.conv2 3x3", 64, 9, 64, 56),
+    ("resnet50", "layer3.conv2 3x3", 256, 9, 256, 14),
+    ("resnet50", "layer3.conv3 1x1", 256, 1, 1024, 14),
+    ("resnet50", "layer4.conv2 3x3", 512, 9, 512, 7),
+    ("vit_b16", "attn.qkv", 768, 1, 2304, None),
+    ("vit_b16", "mlp.fc1", 768, 1, 3072, None),
+    ("vit_b16", "mlp.fc2", 3072, 1, 768, None),
+    ("gpt2", "attn.c_attn", 768, 1, 2304, None),
+    ("gpt2", "attn.c_proj", 768, 1, 768, None),
+    ("gpt2", "mlp.c_fc", 768, 1, 3072, None),
+)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One layer-case GEMM: `x (rows, n) -> (rows, m)` at rank `rank`."""
+
+    model: str
+    layer: str
+    rows: int
+    n: int
+    m: int
+    rank: int
+
+    @property
+    def id(self) -> str:
+        layer = self.layer.replace(" ", "_")
+        return f"{self.model}.{layer}-B{self.rows}-{self.n}x{self.m}-r{self.rank}"
+
+    def flops(self, alternative: str) -> int:
+        if alternative == "dense":
+            return cost.linear_dense_flops(self.rows, self.n, self.m)
+        return cost.svd_linear_work(self.rows, self.n, self.m, self.rank)
+
+    def bytes(self, alternative: str, itemsize: int) -> int:
+        params = self.m * self.n if alternative == "dense" else self.rank * (self.m + self.n + 1)
+        return cost.linear_bytes(self.rows, self.n, self.m, params, itemsize)
+
+
+def layer_shapes(p: Preset) -> list[LayerShape]:
+    """Each source layer at full rank min(n, m), a quarter and a sixteenth of it; convs as
+    GEMMs with B = N * H_out * W_out, channels scaled by the preset."""
+    shapes = []
+    for model, layer, channels, taps, m, side in LAYER_SOURCES:
+        if side is None:
+            rows = p.vit_batch * p.vit_tokens if model == "vit_b16" else p.gpt_batch * p.gpt_seq
+        else:
+            rows = p.layer_images * max(1, side * p.image_side // 224) ** 2
+        n, m = p.width(channels) * taps, p.width(m)
+        full = min(n, m)
+        for rank in dict.fromkeys((full, max(1, full // 4), max(1, full // 16))):
+            shapes.append(LayerShape(model, layer, rows, n, m, rank))
+    return shapes
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn: Callable, p: Preset) -> Callable:
+    """One `torch.compile` wrapper per function, shared by every case (graphs are cached
+    per shape, or one dynamic graph serves them all)."""
+    limits = torch._dynamo.config
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(limits, knob):
+            setattr(limits, knob, max(getattr(limits, knob), 256))
+    return torch.compile(fn, dynamic=p.compile_dynamic, backend=p.compile_backend)
+
+
+def _orthonormal(rows: int, r: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    q = torch.linalg.qr(torch.randn(rows, r, device=device))[0]
+    return q.to(dtype).requires_grad_()
+
+
+def layer_case(shape: LayerShape, alternative: str, p: Preset,
+               device: torch.device) -> Callable[[], tuple[Tensor, Tensor]]:
+    """Forward + backward (dx and every parameter gradient) of one layer; returns (y, dx).
+    The dense weight is the materialized `U diag(s) V^T`, so all alternatives agree."""
+    B, n, m, r, dtype = shape.rows, shape.n, shape.m, shape.rank, p.dtype
+    U, V = _orthonormal(m, r, device, dtype), _orthonormal(n, r, device, dtype)
+    s = (torch.rand(r, device=device) + 0.5).to(dtype).requires_grad_()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sets = [(torch.randn(B, n, device=device, dtype=dtype).requires_grad_(),
+             torch.randn(B, m, device=device, dtype=dtype))
+            for _ in range(rotation_count(itemsize * B * (n + m), device))]
+    next_set = rotating(sets)
+    backend_name = "reference"
+    if alternative == "dense":
+        W = reference.materialize(U, s, V).detach().requires_grad_()
+        params, forward = (W,), lambda x: F.linear(x, W)
+    elif alternative == "compiled reference":
+        fn = compiled(reference.svd_linear, p)
+        params, forward = (U, s, V), lambda x: fn(x, U, s, V)
+    elif alternative in ("eager reference", "svdkern"):
+        backend_name = "auto" if alternative == "svdkern" else "reference"
+        params, forward = (U, s, V), lambda x: ops.svd_linear(x, U, s, V)
+    else:
+        raise ValueError(f"unknown layer alternative {alternative!r}")
+
+    def run() -> tuple[Tensor, Tensor]:
+        x, dy = next_set()
+        with backend.use(backend_name):
+            y = forward(x)
+            grads = torch.autograd.grad(y, (x, *params), dy)
+        return y, grads[0]
+    return run
+
+
+# ----------------------------------------------------------------------------- whole models
+@functools.lru_cache(maxsize=None)
+def dense_model(name: str, p: Preset, device: torch.device) -> nn.Module:
+    """The dense stack, same seed for every call, so SVD models start from it."""
+    torch.manual_seed(0)
+    return build(name, p).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def svd_model(name: str, p: Preset, device: torch.device) -> nn.Module:
+    """The dense stack decomposed at full rank (SVDs taken once, on CPU, then moved)."""
+    torch.manual_seed(0)
+    return decompose(build(name, p)).to(device)
+
+
+def _params(model: nn.Module) -> list[Tensor]:
+    return [t for _, layer in svd_layers(model) for t in (layer.U, layer.s, layer.V)]
+
+
+def _regularizer_loop(mats: list[Tensor], svals: list[Tensor], ortho: float,
+                      strength: float) -> Tensor:
+    """SVDRegularizer's objective (Hoyer sparsity) on the reference maths, for compiling."""
+    return ortho * reference.orthogonality_loss(mats) + strength * reference.hoyer_loss(svals)
+
+
+def regularizer_work(name: str, p: Preset, device: torch.device) -> tuple[int, int, int]:
+    """(matrices, FLOPs, bytes) of the orthogonality term over the model's U and V (the
+    sparsity term is negligible beside it)."""
+    mats = [M for _, layer in svd_layers(svd_model(name, p, device)) for M in layer.factor_matrices()]
+    flops = sum(cost.orthogonality_flops(*M.shape) for M in mats)
+    nbytes = sum(cost.orthogonality_bytes(*M.shape, M.element_size()) for M in mats)
+    return len(mats), flops, nbytes
+
+
+def regularizer_case(name: str, alternative: str, p: Preset,
+                     device: torch.device) -> Callable[[], Tensor]:
+    """Regularizer loss + gradients of every U, s, V of the model; returns the loss."""
+    model = svd_model(name, p, device)
+    reg, params = SVDRegularizer(model), _params(model)
+    if alternative == "compiled loop":
+        fn = compiled(_regularizer_loop, p)
+
+        def loss() -> Tensor:
+            layers = [layer for _, layer in svd_layers(model)]
+            return fn([M for layer in layers for M in layer.factor_matrices()],
+                      [sv for layer in layers for sv in layer.singular_values()],
+                      reg.ortho, reg.strength)
+        backend_name = "reference"
+    elif alternative in ("eager loop", "svdkern"):
+        loss, backend_name = reg, "auto" if alternative == "svdkern" else "reference"
+    else:
+        raise ValueError(f"unknown regularizer alternative {alternative!r}")
+
+    def run() -> Tensor:
+        with backend.use(backend_name):
+            value = loss()
+            torch.autograd.grad(value, params)
+        return value.detach()
+    return run
+
+
+def _autocast(device: torch.device, p: Preset):
+    return torch.autocast(device.type, dtype=p.dtype, enabled=p.dtype != torch.float32)
+
+
+def step_case(name: str, alternative: str, p: Preset, device: torch.device) -> Callable[[], Tensor]:
+    """One training step: forward (autocast on GPU), task loss, regularizer (SVD models,
+    outside autocast so it stays fp32), backward, Adam step; returns the loss."""
+    if alternative not in STEP_ALTERNATIVES:
+        raise ValueError(f"unknown training-step alternative {alternative!r}")
+    x, target = batch(name, p, device)
+    dense = alternative == "dense"
+    model = dense_model(name, p, device) if dense else svd_model(name, p, device)
+    model.train()
+    reg = None if dense else SVDRegularizer(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    backend_name = "reference" if alternative == "SVD reference" else "auto"
+
+    def run() -> Tensor:
+        with backend.use(backend_name):
+            with _autocast(device, p):
+                loss = task_loss(model(x), target)
+            if reg is not None:
+                loss = loss + reg()
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return run
+
+
+def truncate_ranks(model: nn.Module, fraction: float) -> nn.Module:
+    """Keep, in every SVD layer, the largest `fraction` of its singular values (at least
+    one): pruning to a fixed rank rather than by energy, so every model shrinks alike."""
+    for _, layer in svd_layers(model):
+        s = layer._to_grouped(layer.s).detach().abs()
+        k = max(1, int(fraction * s.shape[-1]))
+        apply_rank_index(layer, torch.topk(s, k, dim=-1).indices.sort(dim=-1).values, None)
+    return model
+
+
+def inference_case(name: str, alternative: str, p: Preset,
+                   device: torch.device) -> Callable[[], Tensor]:
+    """Eval-mode forward of the dense model or of the exported low-rank model."""
+    x, _ = batch(name, p, device)
+    if alternative == "dense":
+        model = dense_model(name, p, device)
+    elif alternative == "exported low-rank":
+        pruned = truncate_ranks(copy.deepcopy(svd_model(name, p, device)), INFERENCE_RANK_FRACTION)
+        model = export(pruned, "lowrank")
+    else:
+        raise ValueError(f"unknown inference alternative {alternative!r}")
+    model = copy.deepcopy(model).eval()
+
+    def run() -> Tensor:
+        with torch.no_grad(), _autocast(device, p):
+            return model(x)
+    return run
+
+
+__all__ = ["MODELS", "LAYER_ALTERNATIVES", "REGULARIZER_ALTERNATIVES", "STEP_ALTERNATIVES",
+           "INFERENCE_ALTERNATIVES", "LayerShape", "layer_shapes", "layer_case",
+           "regularizer_case", "regularizer_work", "step_case", "inference_case"]

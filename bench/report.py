@@ -1,0 +1,230 @@
+"""`python -m bench.report`: run the benchmark cases, each against its alternatives, and
+write `bench/results/<device>-<date>.json` (every measurement) and `.md` (the tables).
+
+    python -m bench.report                      # every group, preset gpu on CUDA else cpu
+    python -m bench.report --preset cpu --only layers regularizer --models gpt2
+
+A subset run (`--only`, `--models`) names its files after the subset, so runs split to fit a
+time limit never overwrite each other; each file holds the ceilings of its own run.
+
+Times are medians (CUDA events via triton.testing.do_bench on GPU, perf_counter on CPU).
+The roofline ceilings (copy bandwidth, matrix rate) are measured at the start of the same
+run; a case's floor is max(FLOPs / matrix rate, bytes / bandwidth) from `bench.cost`.
+Ratios are `time of the alternative / time of svdkern`: above 1, svdkern is faster.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+import svdkern
+from svdkern import backend
+
+from . import cost
+from .cases import (INFERENCE_ALTERNATIVES, INFERENCE_RANK_FRACTION, LAYER_ALTERNATIVES, MODELS,
+                    REGULARIZER_ALTERNATIVES, STEP_ALTERNATIVES, inference_case, layer_case,
+                    layer_shapes, regularizer_case, regularizer_work, step_case)
+from .config import PRESETS, Preset, default_device
+from .timing import measure_ceilings, median_ms
+
+GROUPS = ("layers", "regularizer", "step", "inference")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def record(group: str, case: str, alternative: str, ms: float, ceilings: dict,
+           flops: int | None = None, nbytes: int | None = None) -> dict:
+    row = {"group": group, "case": case, "alternative": alternative, "time_ms": ms,
+           "flops": flops, "bytes": nbytes}
+    if flops is not None and nbytes is not None:
+        floor = cost.floor_ms(flops, nbytes, ceilings)
+        row.update(tflops=flops / (ms * 1e9), gbps=nbytes / (ms * 1e6), floor_ms=floor,
+                   floor_fraction=floor / ms)
+    return row
+
+
+def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, ...] = MODELS,
+        log=print) -> dict:
+    ceilings = measure_ceilings(device, p.dtype, max(p.min_time_s, 0.2))
+    log(f"ceilings: {ceilings}")
+    rows: list[dict] = []
+
+    def timed(group, case, alternative, fn, **work):
+        rows.append(record(group, case, alternative, median_ms(fn, device, p.min_time_s),
+                           ceilings, **work))
+        log(f"{group:12s} {case:55s} {alternative:20s} {rows[-1]['time_ms']:10.4f} ms")
+
+    itemsize = torch.empty((), dtype=p.dtype).element_size()
+    if "layers" in groups:
+        for shape in layer_shapes(p):
+            for alt in LAYER_ALTERNATIVES:
+                timed("layers", shape.id, alt, layer_case(shape, alt, p, device),
+                      flops=shape.flops(alt), nbytes=shape.bytes(alt, itemsize))
+    for model in models:
+        if "regularizer" in groups:
+            mats, flops, nbytes = regularizer_work(model, p, device)
+            for alt in REGULARIZER_ALTERNATIVES:
+                timed("regularizer", f"{model} ({mats} matrices)", alt,
+                      regularizer_case(model, alt, p, device), flops=flops, nbytes=nbytes)
+        if "step" in groups:
+            for alt in STEP_ALTERNATIVES:
+                timed("step", model, alt, step_case(model, alt, p, device))
+        if "inference" in groups:
+            for alt in INFERENCE_ALTERNATIVES:
+                timed("inference", model, alt, inference_case(model, alt, p, device))
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"CPU ({platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()})",
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "preset": p.name, "dtype": str(p.dtype).replace("torch.", ""),
+        "compile_dynamic": p.compile_dynamic, "compile_backend": p.compile_backend,
+        "torch": torch.__version__,
+        "triton": _version("triton"), "svdkern": svdkern.__version__,
+        "svdkern_backend": _auto_backend(device),
+        "command": "python -m " + " ".join(["bench.report", *sys.argv[1:]]),
+    }
+    return {"meta": meta, "ceilings": ceilings, "results": rows}
+
+
+def _auto_backend(device: torch.device) -> str:
+    """What the "svdkern" alternative (backend auto) runs on this device."""
+    with backend.use("auto"):
+        return backend.resolve(device)
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+# ----------------------------------------------------------------------------- markdown
+def _ms(t: float | None) -> str:
+    return "-" if t is None else f"{t:.3g}"
+
+
+def _x(num: float | None, den: float | None) -> str:
+    return "-" if num is None or den is None else f"{num / den:.2f}x"
+
+
+def _by_case(rows: list[dict], group: str) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        if row["group"] == group:
+            out.setdefault(row["case"], {})[row["alternative"]] = row
+    return out
+
+
+def _t(alts: dict, name: str) -> float | None:
+    return alts[name]["time_ms"] if name in alts else None
+
+
+def markdown(report: dict) -> str:
+    meta, ceil, rows = report["meta"], report["ceilings"], report["results"]
+    lines = [
+        f"# svdkern benchmarks: {meta['device']}, {meta['date_utc']} UTC", "",
+        f"Command: `{meta['command']}` (preset `{meta['preset']}`, {meta['dtype']}; torch "
+        f"{meta['torch']}, triton {meta['triton']}). On this device `svdkern` (backend auto) "
+        f"runs the **{meta['svdkern_backend']}** path.",
+        f"Ceilings measured in this run: copy {ceil['copy_gbps']:.1f} GB/s "
+        f"({ceil['copy_bytes'] >> 20} MiB moved), matmul {ceil['matmul_tflops']:.3g} TFLOP/s "
+        f"({ceil['matmul_n']}^3, {ceil['matmul_dtype']}). Times are medians in ms; "
+        "`A/svdkern` = time of A / time of svdkern (above 1: svdkern faster).", ""]
+    layers = _by_case(rows, "layers")
+    if layers:
+        lines += ["## Layer forward + backward (`x (B, n) -> (B, m)` at rank r)", "",
+                  "| case | dense | eager ref | compiled ref | svdkern | svdkern TFLOP/s | GB/s "
+                  "| floor | % of floor | dense/svdkern | eager/svdkern | compiled/svdkern |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for case, alts in layers.items():
+            k = alts["svdkern"]
+            lines.append(
+                f"| {case} | {_ms(_t(alts, 'dense'))} | {_ms(_t(alts, 'eager reference'))} | "
+                f"{_ms(_t(alts, 'compiled reference'))} | {_ms(k['time_ms'])} | "
+                f"{k['tflops']:.3g} | {k['gbps']:.3g} | {_ms(k['floor_ms'])} | "
+                f"{100 * k['floor_fraction']:.1f}% | {_x(_t(alts, 'dense'), k['time_ms'])} | "
+                f"{_x(_t(alts, 'eager reference'), k['time_ms'])} | "
+                f"{_x(_t(alts, 'compiled reference'), k['time_ms'])} |")
+        lines += ["", "TFLOP/s and the floor count the cheaper of the factorized chain and the "
+                  "materialized path (bench/cost.py); dense rows count the dense GEMMs.", ""]
+    steps = _by_case(rows, "step")
+    reg = _by_case(rows, "regularizer")
+    if reg:
+        lines += ["## Regularizer loss + backward over all SVD layers (orthogonality + Hoyer)",
+                  "", "| model | eager loop | compiled loop | svdkern | floor | % of floor "
+                  "| eager/svdkern | compiled/svdkern | share of svdkern training step |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for case, alts in reg.items():
+            k = alts["svdkern"]
+            step = _t(steps.get(case.split(" ")[0], {}), "svdkern")
+            share = "-" if step is None else f"{100 * k['time_ms'] / step:.1f}%"
+            lines.append(f"| {case} | {_ms(_t(alts, 'eager loop'))} | "
+                         f"{_ms(_t(alts, 'compiled loop'))} | {_ms(k['time_ms'])} | "
+                         f"{_ms(k['floor_ms'])} | {100 * k['floor_fraction']:.1f}% | "
+                         f"{_x(_t(alts, 'eager loop'), k['time_ms'])} | "
+                         f"{_x(_t(alts, 'compiled loop'), k['time_ms'])} | {share} |")
+        lines.append("")
+    if steps:
+        lines += ["## Training step (forward, backward, regularizer, Adam)", "",
+                  "| model | dense | SVD reference | svdkern | svdkern/dense time "
+                  "| SVD reference/svdkern |", "|---|---|---|---|---|---|"]
+        for case, alts in steps.items():
+            k = _t(alts, "svdkern")
+            lines.append(f"| {case} | {_ms(_t(alts, 'dense'))} | "
+                         f"{_ms(_t(alts, 'SVD reference'))} | {_ms(k)} | "
+                         f"{_x(k, _t(alts, 'dense'))} | {_x(_t(alts, 'SVD reference'), k)} |")
+        lines.append("")
+    infer = _by_case(rows, "inference")
+    if infer:
+        frac = INFERENCE_RANK_FRACTION
+        lines += [f"## Inference after truncating every layer to {frac:g} of its rank", "",
+                  "| model | dense | exported low-rank | speed-up |", "|---|---|---|---|"]
+        for case, alts in infer.items():
+            lines.append(f"| {case} | {_ms(_t(alts, 'dense'))} | "
+                         f"{_ms(_t(alts, 'exported low-rank'))} | "
+                         f"{_x(_t(alts, 'dense'), _t(alts, 'exported low-rank'))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="sizes (default: gpu on CUDA, cpu otherwise)")
+    parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="stacks of the whole-model groups")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = default_device()
+    p = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
+    report = run(p, device, args.only, args.models, log=lambda s: print(s, flush=True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    subset = [g for g in GROUPS if g in args.only] + [m for m in MODELS if m in args.models]
+    suffix = "" if len(subset) == len(GROUPS) + len(MODELS) else "-" + "-".join(subset)
+    stem = args.out / f"{device_slug(device)}-{today}{suffix}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
