@@ -160,7 +160,7 @@ class SVDLinear(SVDLayer):
         self.out_features = out_features
         dense = _dense if _dense is not None else nn.Linear(
             in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_factors(dense.weight, dense.bias, rank)
+        self._init_factors(dense.weight.unsqueeze(0), dense.bias, rank)  # grouped layout, g = 1
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, rank: int | None = None,
