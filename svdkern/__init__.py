@@ -16,3 +16,7 @@ __all__ = [
     "decompose", "export", "load", "ops", "prune", "reference", "save", "summary",
     "svd_layers",
 ]
+
+from .distributed import WithRegularizer, prune_distributed  # noqa: E402  (distributed issue)
+
+__all__ += ["WithRegularizer", "prune_distributed"]

@@ -50,3 +50,20 @@ def _broadcast_indices(plans, src: int, group: dist.ProcessGroup | None) -> list
         dist.broadcast(buf, src=src, group=group)
         out.append(buf)
     return out
+
+
+class WithRegularizer(nn.Module):
+    """`model` whose forward also returns the regularizer: `(model(*args), regularizer())`.
+
+    Under FSDP (`fully_shard`) parameters are sharded DTensors outside the forward pass, so
+    the regularizer must run inside it: shard this wrapper (at its root, so every factor is
+    unsharded during the forward) and add the second output to the task loss.
+    """
+
+    def __init__(self, model: nn.Module, regularizer) -> None:
+        super().__init__()
+        self.model = model
+        self.regularizer = regularizer
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs), self.regularizer()

@@ -34,9 +34,10 @@ class SVDLayer(nn.Module):
                              f"[1, {min(rows, cols)}] for a {rows}x{cols} weight matrix")
         _check_finite(self.layer_name, "weight", matrix)
         U, s, V = reference.svd_factors(matrix, rank)
-        self.U = nn.Parameter(self._from_grouped(U))
-        self.s = nn.Parameter(self._from_grouped(s))
-        self.V = nn.Parameter(self._from_grouped(V))
+        # contiguous: V comes out of the SVD transposed; FSDP and kernels need dense storage
+        self.U = nn.Parameter(self._from_grouped(U).contiguous())
+        self.s = nn.Parameter(self._from_grouped(s).contiguous())
+        self.V = nn.Parameter(self._from_grouped(V).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     # Layout adapters: SVDLinear stores 2-D factors, SVDConv2d stores them per group.

@@ -1,5 +1,5 @@
-"""DDP with SVD layers, the regularizer and pruning: 2 gloo processes on CPU must match one
-process on the concatenated batch, before and after a prune followed by a re-wrap."""
+"""DDP and FSDP with SVD layers, the regularizer and pruning: 2 gloo processes on CPU must
+match one process on the concatenated batch, before and after a prune and a re-wrap."""
 import os
 import socket
 import time
@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import svdkern
-from svdkern.distributed import prune_distributed
+from svdkern.distributed import WithRegularizer, prune_distributed
+
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch < 2.6
+    fully_shard = None
 
 WORLD = 2
 LOCAL_BATCH = 5
@@ -38,32 +43,68 @@ def make_data():
     return x, y
 
 
-def train(net, module, optimizer, reg, x, y, steps):
-    """A few steps of task loss + regularizer; `net` may be the DDP wrapper of `module`."""
+def train(net, optimizer, x, y, steps):
+    """A few steps of task loss + regularizer; `net` returns both (WithRegularizer)."""
     for step in steps:
         optimizer.zero_grad()
-        loss = F.mse_loss(net(x[step]), y[step]) + reg()
-        loss.backward()
+        out, reg = net(x[step])
+        (F.mse_loss(out, y[step]) + reg).backward()
         optimizer.step()
 
 
-def run_training(rank: int | None):
-    """The whole recipe: one process when `rank` is None, else this rank's DDP share."""
-    model = make_model()
+def local_share(rank: int | None):
+    """The whole batches for one process (`rank` None), else this rank's slice."""
     x, y = make_data()
-    if rank is not None:
-        x = x[:, rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
-        y = y[:, rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
+    if rank is None:
+        return x, y
+    part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    return x[:, part], y[:, part]
+
+
+def regularized(model, sparsity="hoyer"):
+    return WithRegularizer(model, svdkern.SVDRegularizer(model, ortho=1.0, sparsity=sparsity,
+                                                         strength=0.05))
+
+
+def run_ddp(rank: int | None):
+    """DDP recipe: prune the bare module (optimizer state sliced), then wrap it again."""
+    model = make_model()
+    x, y = local_share(rank)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    reg = svdkern.SVDRegularizer(model, ortho=1.0, sparsity="hoyer", strength=0.05)
-    net = DDP(model) if rank is not None else model
-    train(net, model, optimizer, reg, x, y, range(STEPS_BEFORE))
+    wrap = (lambda m: DDP(m)) if rank is not None else (lambda m: m)  # noqa: E731
+    net = wrap(regularized(model))
+    train(net, optimizer, x, y, range(STEPS_BEFORE))
     del net  # the old wrapper's hooks and buckets were built for the old shapes
     records = prune_distributed(model, ENERGY, optimizer)
-    reg.sparsity = None  # fine-tuning: orthogonality only
-    net = DDP(model) if rank is not None else model
-    train(net, model, optimizer, reg, x, y, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
+    net = wrap(regularized(model, sparsity=None))  # fine-tuning: orthogonality only
+    train(net, optimizer, x, y, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
     return model.state_dict(), [r.rank_after for r in records]
+
+
+def run_fsdp(rank: int | None):
+    """FSDP recipe: the regularizer runs inside the sharded forward; pruning runs on an
+    unsharded copy made from the full state dict, which is then sharded again with a new
+    optimizer (sharded optimizer state is not carried across the prune)."""
+    def shard(module):
+        if rank is not None:
+            fully_shard(module)
+        return module
+
+    def full_state(net):
+        state = {k.removeprefix("model."): v for k, v in net.state_dict().items()}
+        return {k: v.full_tensor() if rank is not None else v for k, v in state.items()}
+
+    x, y = local_share(rank)
+    net = shard(regularized(make_model()))
+    train(net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), x, y,
+          range(STEPS_BEFORE))
+    model = make_model()
+    model.load_state_dict(full_state(net))
+    records = prune_distributed(model, ENERGY)
+    net = shard(regularized(model, sparsity=None))
+    train(net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), x, y,
+          range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
+    return full_state(net), [r.rank_after for r in records]
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -71,9 +112,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                             world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S // 2))
     try:
         torch.set_num_threads(1)
-        state, ranks = run_training(rank)
-        torch.save({"state": state, "ranks": ranks, "forced": forced_decision(rank)},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        result = {"ddp": run_ddp(rank), "forced": forced_decision(rank)}
+        if fully_shard is not None:
+            result["fsdp"] = run_fsdp(rank)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -102,20 +144,45 @@ def spawn(out_dir: str) -> None:
             pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
-def test_ddp_train_prune_rewrap_matches_single_process(tmp_path):
-    spawn(str(tmp_path))
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    single_state, single_ranks = run_training(None)
-    assert results[0]["ranks"] == results[1]["ranks"] == single_ranks
+GLOO = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                          reason="torch.distributed with gloo is not available")
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    """Both recipes run once on 2 gloo processes; each rank's results."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    spawn(str(out_dir))
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def assert_ranks_agree_with_one_process(results, single):
+    (state0, ranks0), (state1, ranks1) = results
+    single_state, single_ranks = single
+    assert ranks0 == ranks1 == single_ranks
     full = [layer.rank for _, layer in svdkern.svd_layers(make_model())]
     assert single_ranks != full and min(single_ranks) >= 1  # the prune did something
+    assert state0.keys() == single_state.keys()
     for key, value in single_state.items():
-        assert torch.equal(results[0]["state"][key], results[1]["state"][key]), key
-        torch.testing.assert_close(results[0]["state"][key], value, rtol=1e-9, atol=1e-11)
+        assert torch.equal(state0[key], state1[key]), key
+        torch.testing.assert_close(state0[key], value, rtol=1e-9, atol=1e-11)
+
+
+@GLOO
+def test_ddp_train_prune_rewrap_matches_single_process(rank_results):
+    assert_ranks_agree_with_one_process([r["ddp"] for r in rank_results], run_ddp(None))
+
+
+@GLOO
+@pytest.mark.skipif(fully_shard is None, reason="torch.distributed.fsdp.fully_shard missing")
+def test_fsdp_train_prune_reshard_matches_single_process(rank_results):
+    assert_ranks_agree_with_one_process([r["fsdp"] for r in rank_results], run_fsdp(None))
+
+
+@GLOO
+def test_prune_distributed_applies_the_source_ranks_decision(rank_results):
     local_rule = [r.rank_after for r in svdkern.prune(_flat_spectrum_model(), ENERGY)]
-    assert results[0]["forced"] == results[1]["forced"] != local_rule
+    assert rank_results[0]["forced"] == rank_results[1]["forced"] != local_rule
 
 
 def _flat_spectrum_model() -> nn.Module:
