@@ -3,6 +3,7 @@ the ops against the reference on float64 copies, `decompose` exact, `prune` obey
 energy rule and equal to the truncated SVD, `export` computing the same function, and
 NaN/Inf caught where it matters (pruning, export) and propagated like PyTorch in forward."""
 import copy
+import os
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ import svdkern
 from svdkern import ops, reference
 from svdkern.layers import SVDLayer
 
-FUZZ = settings(max_examples=20, deadline=None, derandomize=True)
+# CI runs a small fixed set of examples; SVDKERN_FUZZ_EXAMPLES=N runs N random ones per test.
+EXAMPLES = os.environ.get("SVDKERN_FUZZ_EXAMPLES")
+FUZZ = settings(max_examples=int(EXAMPLES or 20), deadline=None, derandomize=EXAMPLES is None)
 DTYPES = st.sampled_from([torch.float32, torch.float64])
 LAYOUTS = st.sampled_from(["contiguous", "permuted", "sliced"])
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
