@@ -182,7 +182,8 @@ def test_fsdp_train_prune_reshard_matches_single_process(rank_results):
 @GLOO
 def test_prune_distributed_applies_the_source_ranks_decision(rank_results):
     local_rule = [r.rank_after for r in svdkern.prune(_flat_spectrum_model(), ENERGY)]
-    assert rank_results[0]["forced"] == rank_results[1]["forced"] != local_rule
+    source_rule = [r.rank_after for r in svdkern.prune(make_model(), ENERGY)]
+    assert rank_results[0]["forced"] == rank_results[1]["forced"] == source_rule != local_rule
 
 
 def _flat_spectrum_model() -> nn.Module:

@@ -1,4 +1,4 @@
-"""Autocast and GradScaler with SVD layers and the regularizers (CPU bf16 here; the CUDA
+"""Autocast and GradScaler with SVD layers and the regularizers (CPU bf16 and fp16; the CUDA
 fp16 case runs only where a GPU is present)."""
 import pytest
 import torch
@@ -27,15 +27,16 @@ def forward_backward(layer, x, autocast_dtype=None, device="cpu"):
     return y, {n: p.grad for n, p in layer.named_parameters()}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", range(3))
-def test_bf16_autocast_matches_fp32_and_dense_dtype(case):
+def test_autocast_matches_fp32_and_dense_dtype(case, dtype):
     dense, shape, scheme = dense_layers()[case]
     layer = svdkern.decompose(dense, scheme=scheme)
     x = torch.randn(shape)
     y32, g32 = forward_backward(layer, x)
-    y16, g16 = forward_backward(layer, x, torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert y16.dtype == dense(x).dtype == torch.bfloat16  # same as the dense layer
+    y16, g16 = forward_backward(layer, x, dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        assert y16.dtype == dense(x).dtype == dtype  # same as the dense layer
     torch.testing.assert_close(y16.float(), y32, rtol=3e-2, atol=3e-2)
     for name, grad in g16.items():
         assert grad.dtype == torch.float32, name  # master weights and grads stay fp32
