@@ -23,6 +23,7 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict | None = None, *
                "ranks": {name: layer.rank for name, layer in svd_layers(model)},
                "state_dict": model.state_dict(), "extra": extra or {},
                "optimizer": None if optimizer is None else optimizer.state_dict(),
+               "optimizer_type": None if optimizer is None else type(optimizer).__name__,
                "regularizer": None if regularizer is None else regularizer_settings(regularizer),
                "rng": rng_state() if rng else None}
     torch.save(payload, path)
@@ -57,7 +58,8 @@ def load(model: nn.Module, path: str | os.PathLike, map_location="cpu", *,
         raise ValueError(f"load: {os.fspath(path)!r} holds no {' / '.join(missing)} state "
                          "(save it with save(..., optimizer=..., regularizer=..., rng=True))")
     if optimizer is not None:
-        check_optimizer_compatible(model, state, optimizer, payload["optimizer"])
+        check_optimizer_compatible(model, state, optimizer, payload["optimizer"],
+                                   payload.get("optimizer_type"))
     if regularizer is not None:  # the constructor validates the settings, changing nothing
         type(regularizer)(regularizer.model, **payload["regularizer"])
     if restore_rng:
@@ -101,10 +103,14 @@ def set_rng_state(rng: dict) -> None:
 
 
 def check_optimizer_compatible(model: nn.Module, state: dict, optimizer: torch.optim.Optimizer,
-                               saved: dict) -> None:
+                               saved: dict, saved_type: str) -> None:
     """Raise a ValueError unless `saved` (an optimizer state_dict) fits `optimizer` once
-    `model` holds `state`: same groups and parameter counts, and every per-parameter state
+    `model` holds `state`: same optimizer type, groups and parameter counts, and every
+    per-parameter state
     tensor (Adam moments, momentum) of the shape the parameter will have."""
+    if saved_type != type(optimizer).__name__:
+        raise ValueError(f"load: the checkpoint holds {saved_type} state, not "
+                         f"{type(optimizer).__name__} state")
     groups = optimizer.param_groups
     sizes = [len(g["params"]) for g in groups]
     saved_sizes = [len(g["params"]) for g in saved["param_groups"]]

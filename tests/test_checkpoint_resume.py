@@ -75,11 +75,12 @@ def test_resume_after_prune_is_bit_identical(tmp_path):
     assert_same(snapshot(fresh, fresh_opt, fresh_reg), expected)
 
 
-def trained_checkpoint(tmp_path, model_fn=make_model, optimizer_params=None):
+def trained_checkpoint(tmp_path, model_fn=make_model, optimizer_params=None,
+                       optimizer_cls=torch.optim.Adam):
     torch.manual_seed(5)
     model = model_fn()
-    optimizer = torch.optim.Adam(optimizer_params(model) if optimizer_params else
-                                 model.parameters(), lr=1e-2)
+    optimizer = optimizer_cls(optimizer_params(model) if optimizer_params else
+                              model.parameters(), lr=1e-2)
     reg = svdkern.SVDRegularizer(model, sparsity="l1", strength=0.2)
     train(model, optimizer, reg, range(SAVE_AT + 1), tmp_path / "ckpt.pt")
     return tmp_path / "ckpt.pt"
@@ -118,6 +119,11 @@ def test_mismatched_optimizer_state_is_a_clear_error_and_changes_nothing(tmp_pat
     reversed_params = lambda model: list(model.parameters())[::-1]  # noqa: E731
     path = trained_checkpoint(tmp_path, optimizer_params=reversed_params)
     assert_load_fails_untouched(path, "optimizer state does not fit")
+
+
+def test_other_optimizer_type_is_a_clear_error_and_changes_nothing(tmp_path):
+    path = trained_checkpoint(tmp_path, optimizer_cls=torch.optim.SGD)
+    assert_load_fails_untouched(path, "holds SGD state, not Adam state")
 
 
 def test_checkpoint_without_training_state_says_what_is_missing(tmp_path):
