@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from svdkern import SVDRegularizer, backend, decompose, export, ops, reference, svd_layers
-from svdkern.pruning import _apply as apply_rank_index
+from svdkern.pruning import apply_plan
 
 from . import cost
 from .config import Preset
@@ -241,10 +241,12 @@ def step_case(name: str, alternative: str, p: Preset, device: torch.device) -> C
 def truncate_ranks(model: nn.Module, fraction: float) -> nn.Module:
     """Keep, in every SVD layer, the largest `fraction` of its singular values (at least
     one): pruning to a fixed rank rather than by energy, so every model shrinks alike."""
-    for _, layer in svd_layers(model):
+    plans = []
+    for name, layer in svd_layers(model):
         s = layer._to_grouped(layer.s).detach().abs()
         k = max(1, int(fraction * s.shape[-1]))
-        apply_rank_index(layer, torch.topk(s, k, dim=-1).indices.sort(dim=-1).values, None)
+        plans.append((name, layer, torch.topk(s, k, dim=-1).indices.sort(dim=-1).values))
+    apply_plan(plans)
     return model
 
 

@@ -3,6 +3,7 @@ kernels behind a pure-PyTorch reference path."""
 from . import ops, reference
 from .checkpoint import load, save
 from .convert import decompose
+from .distributed import WithRegularizer, prune_distributed
 from .export import export
 from .layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
 from .ops import Plan, explain
@@ -17,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Plan", "SVDConv2d", "SVDLayer", "SVDLinear", "SVDRegularizer", "SVDTraining", "TRP",
     "ModelSummary", "PruneRecord", "decompose", "explain", "export", "load", "ops", "prune",
-    "reference", "save", "summary", "svd_layers",
+    "reference", "save", "summary", "svd_layers", "WithRegularizer", "prune_distributed",
 ]

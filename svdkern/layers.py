@@ -35,9 +35,10 @@ class SVDLayer(nn.Module):
                              f"[1, {min(rows, cols)}] for a {rows}x{cols} weight matrix")
         _check_finite(self.layer_name, "weight", matrix)
         U, s, V = reference.svd_factors(matrix, rank)
-        self.U = nn.Parameter(self._from_grouped(U))
-        self.s = nn.Parameter(self._from_grouped(s))
-        self.V = nn.Parameter(self._from_grouped(V))
+        # contiguous: V comes out of the SVD transposed; FSDP and kernels need dense storage
+        self.U = nn.Parameter(self._from_grouped(U).contiguous())
+        self.s = nn.Parameter(self._from_grouped(s).contiguous())
+        self.V = nn.Parameter(self._from_grouped(V).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     # Layout adapters: SVDLinear stores 2-D factors, SVDConv2d stores them per group.
@@ -161,7 +162,7 @@ class SVDLinear(SVDLayer):
         self.out_features = out_features
         dense = _dense if _dense is not None else nn.Linear(
             in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_factors(dense.weight.detach().unsqueeze(0), dense.bias, rank)
+        self._init_factors(dense.weight.detach().unsqueeze(0), dense.bias, rank)  # grouped layout, g = 1
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, rank: int | None = None,

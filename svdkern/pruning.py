@@ -33,6 +33,13 @@ def prune(model: nn.Module, energy: float,
     is sliced to the surviving ranks too. Without it, stale state of the old shape breaks
     the next step: rebuild the optimizer then. Everything is checked before anything changes.
     """
+    return apply_plan(plan(model, energy), optimizer)
+
+
+def plan(model: nn.Module, energy: float) -> list[tuple[str, SVDLayer, Tensor]]:
+    """Validate `model` and `energy` and decide, per SVD layer, the kept rank indices (g, k);
+    nothing is changed. `prune` is `apply_plan(plan(...))`; distributed pruning decides on
+    one rank and applies everywhere."""
     if not (isinstance(energy, (int, float)) and 0 <= energy < 1):
         raise ValueError(f"prune: energy must be in [0, 1), got {energy!r}")
     layers = svd_layers(model)
@@ -42,6 +49,12 @@ def prune(model: nn.Module, energy: float,
     for name, layer in layers:
         layer.check_finite()
         plans.append((name, layer, keep_index(layer._to_grouped(layer.s), energy)))
+    return plans
+
+
+def apply_plan(plans: list[tuple[str, SVDLayer, Tensor]],
+               optimizer: torch.optim.Optimizer | None = None) -> list[PruneRecord]:
+    """Shrink each planned layer (and `optimizer`'s state) to its kept ranks."""
     records = []
     for name, layer, index in plans:
         records.append(_record(name, layer, index))

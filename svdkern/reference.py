@@ -17,9 +17,10 @@ SCHEMES = ("channel", "spatial")
 
 # ----------------------------------------------------------------------------- linear
 def svd_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`y = x V diag(s) U^T + b` as the factorized chain (two GEMMs and a scale)."""
+    """`y = x V diag(s) U^T + b` as the factorized chain (two GEMMs and a scale). The bias
+    is added in `y`'s dtype, so under autocast the output dtype is `F.linear`'s."""
     y = ((x @ V) * s) @ U.transpose(-1, -2)
-    return y if bias is None else y + bias
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def materialize(U: Tensor, s: Tensor, V: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -43,15 +44,19 @@ class SVDRegularizer:
 
     def orthogonality(self) -> Tensor:
         """Unweighted `sum L_o` over every U and V of the model."""
-        return ops.orthogonality_loss([M for _, layer in svd_layers(self.model)
-                                       for M in layer.factor_matrices()])
+        layers = svd_layers(self.model)
+        with _without_autocast(layers):
+            return ops.orthogonality_loss([M for _, layer in layers
+                                           for M in layer.factor_matrices()])
 
     def sparsity_loss(self) -> Tensor:
         """Unweighted `sum L_s` over every singular-value vector of the model."""
         if self.sparsity is None:
             raise ValueError("SVDRegularizer: sparsity is None")
-        return SPARSITY[self.sparsity]([s for _, layer in svd_layers(self.model)
-                                        for s in layer.singular_values()])
+        layers = svd_layers(self.model)
+        with _without_autocast(layers):
+            return SPARSITY[self.sparsity]([s for _, layer in layers
+                                            for s in layer.singular_values()])
 
     def __call__(self) -> Tensor:
         self._check_active()
@@ -65,3 +70,9 @@ class SVDRegularizer:
     def __repr__(self) -> str:
         return (f"SVDRegularizer(ortho={self.ortho}, sparsity={self.sparsity!r}, "
                 f"strength={self.strength})")
+
+
+def _without_autocast(layers) -> torch.autocast:
+    """The regularizers accumulate in fp32 at least: autocast would run the Gram GEMMs in
+    bf16/fp16, so it is switched off for them (half-precision factors are upcast by the ops)."""
+    return torch.autocast(layers[0][1].U.device.type, enabled=False)
