@@ -302,8 +302,13 @@ def _explicit_padding(name: str, padding, kernel, dilation, stride) -> tuple[int
 def _replace_data(param: nn.Parameter, value: Tensor) -> None:
     """Give `param` new data of any shape while keeping the Python object (optimizers and
     hooks hold it). `swap_tensors` also renews autograd's cached gradient accumulator, which a
-    plain `param.data = value` keeps at the old shape while an old graph is alive."""
-    torch.utils.swap_tensors(param, nn.Parameter(value, requires_grad=param.requires_grad))
+    plain `param.data = value` keeps at the old shape while an old graph is alive; it refuses
+    when other C++ references to the tensor exist, and then the plain assignment is used."""
+    try:
+        torch.utils.swap_tensors(param, nn.Parameter(value, requires_grad=param.requires_grad))
+    except RuntimeError:
+        param.data = value
+        param.grad = None
 
 
 def _check_finite(name: str, what: str, t: Tensor) -> None:
