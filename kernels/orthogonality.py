@@ -36,8 +36,16 @@ _INTERP_PROGRAMS = 4
 
 
 @triton.jit
-def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows, PRECISION: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _matrix_entry(table, g):
+    """Row `g` of the table: offset, rows, r, row stride, column stride, Gram offset."""
+    row = table + g * TABLE_COLS
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
+            tl.load(row + 4), tl.load(row + 5))
+
+
+@triton.jit
+def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows,
+                      PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
     acc_dtype = gram.dtype.element_ty
@@ -47,13 +55,7 @@ def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows,
     cols = tl.arange(0, BLOCK_R)
     ks = tl.arange(0, BLOCK_K)
     for g in range(num_mats):
-        row = table + g * TABLE_COLS
-        off = tl.load(row)
-        rows = tl.load(row + 1)
-        r = tl.load(row + 2)
-        s_row = tl.load(row + 3)
-        s_col = tl.load(row + 4)
-        g_off = tl.load(row + 5)
+        off, rows, r, s_row, s_col, g_off = _matrix_entry(table, g)
         nb = tl.cdiv(r, BLOCK_R)
         last = first + nb * nb
         while tile < last:
@@ -78,15 +80,17 @@ def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows,
                 tl.store(gram + g_off + ci[:, None] * r + cj[None, :], diff, mask=inside)
                 tl.store(gram + g_off + cj[None, :] * r + ci[:, None], diff, mask=inside)
                 weight = tl.where(bi == bj, 1.0, 2.0).to(acc_dtype)
-                part += weight * tl.sum(tl.sum(diff * diff, axis=1), axis=0) / (r * r).to(acc_dtype)
+                square = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+                part += weight * square / (r * r).to(acc_dtype)
             tile += num_progs
         first = last
     tl.store(partials + pid, part)
 
 
 @triton.jit
-def _grad_kernel(flat, table, gram, grad_out, grad, num_mats, max_rank, max_rows, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grad_kernel(flat, table, gram, grad_out, grad, num_mats, max_rank, max_rows,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
     acc_dtype = gram.dtype.element_ty
@@ -97,13 +101,7 @@ def _grad_kernel(flat, table, gram, grad_out, grad, num_mats, max_rank, max_rows
     ns = tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     for g in range(num_mats):
-        row = table + g * TABLE_COLS
-        off = tl.load(row)
-        rows = tl.load(row + 1)
-        r = tl.load(row + 2)
-        s_row = tl.load(row + 3)
-        s_col = tl.load(row + 4)
-        g_off = tl.load(row + 5)
+        off, rows, r, s_row, s_col, g_off = _matrix_entry(table, g)
         nbn = tl.cdiv(r, BLOCK_N)
         last = first + tl.cdiv(rows, BLOCK_M) * nbn
         while tile < last:
@@ -195,7 +193,8 @@ def grad(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, int],
         grid = (min(cap, _tiles(shapes, cfg["BLOCK_M"], cfg["BLOCK_N"], False)),)
         _grad_kernel[grid](*args, PRECISION=precision, **cfg)
     else:
-        grid = lambda meta: (min(cap, _tiles(shapes, meta["BLOCK_M"], meta["BLOCK_N"], False)),)  # noqa: E731
+        grid = lambda meta: (  # noqa: E731
+            min(cap, _tiles(shapes, meta["BLOCK_M"], meta["BLOCK_N"], False)),)
         _grad_tuned[grid](*args, PRECISION=precision)
     return out
 
