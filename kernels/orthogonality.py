@@ -27,7 +27,7 @@ import triton.language as tl
 
 from svdkern.backend import interpreter_enabled
 
-TABLE_COLS = 6  # offset, rows, r, row stride, column stride, Gram offset
+TABLE_COLS = tl.constexpr(6)  # offset, rows, r, row stride, column stride, Gram offset
 
 # One fixed config under the interpreter (autotuning there is fragile and slow).
 _INTERP_GRAM = dict(BLOCK_R=32, BLOCK_K=32)
