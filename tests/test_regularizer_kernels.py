@@ -200,7 +200,8 @@ def test_opcheck():
     table, gram_numel = regularizer_ops.matrix_table(key, flat.device)
     shapes = [n for rows, r, _ in key for n in (rows, r)]
     flat.requires_grad_()
-    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor",
+             "test_aot_dispatch_dynamic")
     torch.library.opcheck(regularizer_ops._orthogonality, (flat, table, shapes, gram_numel),
                           test_utils=tests)
     _, gram = regularizer_ops._orthogonality(flat.detach(), table, shapes, gram_numel)
@@ -212,6 +213,24 @@ def test_opcheck():
     for hoyer in (False, True):
         torch.library.opcheck(regularizer_ops._sparsity, (svals, offsets, hoyer),
                               test_utils=tests)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile_fullgraph():
+    """The custom ops trace into one graph (their fake implementations) and run the kernels."""
+    mats = [m.requires_grad_() for m in rand_matrices([(9, 3), (20, 17)], torch.float32)]
+    svals = [v.requires_grad_() for v in rand_vectors([5, 2], torch.float32)]
+
+    def regularizer(mats, svals):
+        return regularizer_ops.orthogonality_loss(mats) + regularizer_ops.hoyer_loss(svals)
+    loss = torch.compile(regularizer, backend="aot_eager", fullgraph=True)(mats, svals)
+    loss.backward()
+    refs = [t.detach().double().requires_grad_() for t in mats + svals]
+    ref = reference.orthogonality_loss(refs[:2]) + reference.hoyer_loss(refs[2:])
+    ref.backward()
+    assert_close(loss, ref, torch.float32, "compiled loss")
+    for t, r in zip(mats + svals, refs):
+        assert_close(t.grad, r.grad, torch.float32, "compiled grad")
 
 
 # ------------------------------------------------------------------------- GPU only
