@@ -46,7 +46,8 @@ def check_against_reference(loss_fn, ref_fn, inputs, dtype, what, views=None):
     refs = [t.detach().double().requires_grad_() for t in leaves]
     ref_loss = ref_fn([view(t) for t, view in zip(refs, views)])
     ref_loss.backward(upstream.double())
-    assert_close(loss, ref_loss, dtype, f"{what} loss")
+    # the loss accumulates in fp32 (fp64) whatever the inputs: hold it to that tolerance
+    assert_close(loss, ref_loss, loss.dtype, f"{what} loss")
     for i, (leaf, ref) in enumerate(zip(leaves, refs)):
         assert leaf.grad.dtype == leaf.dtype
         assert_close(leaf.grad, ref.grad, dtype, f"{what} grad {i}")
@@ -58,9 +59,10 @@ def test_orthogonality_mixed_shapes(dtype):
                             rand_matrices(SHAPES, dtype), dtype, f"{dtype} mix")
 
 
-@pytest.mark.parametrize("shape", [(45, 45), (4, 1)])
+@pytest.mark.parametrize("shape", [(45, 45), (80, 70), (4, 1)])
 def test_orthogonality_single_matrix(shape):
-    """One matrix; (45, 45) also tiles its Gram into 2 x 2 blocks of 32 (3 computed)."""
+    """One matrix; the larger ones also tile their Gram into 2 x 2 and 3 x 3 blocks of 32
+    (upper triangle computed, mirrored)."""
     check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
                             rand_matrices([shape], torch.float32), torch.float32, "single")
 
