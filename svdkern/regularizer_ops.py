@@ -29,7 +29,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _common(name: str, tensors: Sequence[Tensor]) -> tuple[torch.device, torch.dtype]:
-    """Device and promoted dtype of the inputs, with a clear error for unusable ones."""
+    """Device and the dtype the kernels read (the promoted input dtype; bf16 is read as
+    fp32 on CPU, where the interpreter has no bf16), with a clear error for unusable ones."""
     if len(tensors) == 0:
         raise ValueError(f"{name}: got no tensors")
     device = tensors[0].device
@@ -40,6 +41,8 @@ def _common(name: str, tensors: Sequence[Tensor]) -> tuple[torch.device, torch.d
         if not t.is_floating_point():
             raise ValueError(f"{name}: tensor {i} has dtype {t.dtype}, expected floating point")
         dtype = torch.promote_types(dtype, t.dtype)
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        dtype = torch.float32
     return device, dtype
 
 

@@ -235,6 +235,17 @@ def test_torch_compile_fullgraph():
         assert_close(t.grad, r.grad, torch.float32, "compiled grad")
 
 
+def test_bf16_on_cpu_is_read_as_fp32():
+    """The interpreter has no bf16: bf16 factors are packed as fp32, grads come back bf16."""
+    if DEVICE == "cuda":
+        pytest.skip("bf16 runs natively on the GPU (test_bf16_on_gpu)")
+    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+                            rand_matrices([(37, 5), (3, 17)], torch.bfloat16), torch.bfloat16,
+                            "bf16 cpu")
+    check_against_reference(ops.l1_loss, reference.l1_loss,
+                            rand_vectors([7, 3], torch.bfloat16), torch.bfloat16, "bf16 cpu")
+
+
 # ------------------------------------------------------------------------- GPU only
 @cuda_only
 def test_bf16_on_gpu():
