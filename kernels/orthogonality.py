@@ -142,10 +142,14 @@ _grad_tuned = triton.autotune(
 )(_grad_kernel)
 
 
-def _tiles(shapes: tuple[tuple[int, int], ...], block_a: int, block_b: int, gram: bool) -> int:
+def _grid(shapes: tuple[tuple[int, int], ...], block_a: int, block_b: int, gram: bool,
+          cap: int) -> tuple[int]:
+    """Persistent grid: one program per tile, at most `cap` (at least 1 to launch)."""
     if gram:  # the grid walks every r x r block pair (lower ones are skipped in-kernel)
-        return sum(triton.cdiv(r, block_a) ** 2 for _, r in shapes)
-    return sum(triton.cdiv(rows, block_a) * triton.cdiv(r, block_b) for rows, r in shapes)
+        tiles = sum(triton.cdiv(r, block_a) ** 2 for _, r in shapes)
+    else:
+        tiles = sum(triton.cdiv(rows, block_a) * triton.cdiv(r, block_b) for rows, r in shapes)
+    return (max(1, min(cap, tiles)),)
 
 
 @functools.lru_cache(maxsize=8)
@@ -172,10 +176,10 @@ def gram_loss(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, 
     args = (flat, table, gram, partials, len(shapes), *_tune_keys(shapes))
     precision = precision_for(flat.dtype, flat.device)
     if interpreter_enabled():
-        grid = (min(cap, _tiles(shapes, _INTERP_GRAM["BLOCK_R"], 0, True)),)
+        grid = _grid(shapes, _INTERP_GRAM["BLOCK_R"], 0, True, cap)
         _gram_loss_kernel[grid](*args, PRECISION=precision, **_INTERP_GRAM)
     else:
-        grid = lambda meta: (min(cap, _tiles(shapes, meta["BLOCK_R"], 0, True)),)  # noqa: E731
+        grid = lambda meta: _grid(shapes, meta["BLOCK_R"], 0, True, cap)  # noqa: E731
         _gram_loss_tuned[grid](*args, PRECISION=precision)
     return partials.sum(), gram
 
@@ -190,11 +194,11 @@ def grad(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, int],
     precision = precision_for(flat.dtype, flat.device)
     if interpreter_enabled():
         cfg = _INTERP_GRAD
-        grid = (min(cap, _tiles(shapes, cfg["BLOCK_M"], cfg["BLOCK_N"], False)),)
+        grid = _grid(shapes, cfg["BLOCK_M"], cfg["BLOCK_N"], False, cap)
         _grad_kernel[grid](*args, PRECISION=precision, **cfg)
     else:
-        grid = lambda meta: (  # noqa: E731
-            min(cap, _tiles(shapes, meta["BLOCK_M"], meta["BLOCK_N"], False)),)
+        grid = lambda meta: _grid(  # noqa: E731
+            shapes, meta["BLOCK_M"], meta["BLOCK_N"], False, cap)
         _grad_tuned[grid](*args, PRECISION=precision)
     return out
 
