@@ -44,6 +44,16 @@ def _matrix_entry(table, g):
 
 
 @triton.jit
+def _upper_block(local, nb):
+    """(row, column) block of the `local`-th pair of the upper triangle, row by row."""
+    bi = local * 0
+    while local >= nb - bi:
+        local -= nb - bi
+        bi += 1
+    return bi, bi + local
+
+
+@triton.jit
 def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows,
                       PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
@@ -57,31 +67,28 @@ def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows,
     for g in range(num_mats):
         off, rows, r, s_row, s_col, g_off = _matrix_entry(table, g)
         nb = tl.cdiv(r, BLOCK_R)
-        last = first + nb * nb
+        last = first + nb * (nb + 1) // 2  # upper-triangle block pairs only
         while tile < last:
-            local = tile - first
-            bi = local // nb
-            bj = local % nb
-            if bj >= bi:  # upper triangle only
-                ci = bi * BLOCK_R + cols
-                cj = bj * BLOCK_R + cols
-                acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=acc_dtype)
-                for k0 in range(0, rows, BLOCK_K):
-                    k = k0 + ks
-                    a = tl.load(flat + off + k[:, None] * s_row + ci[None, :] * s_col,
-                                mask=(k[:, None] < rows) & (ci[None, :] < r), other=0.0)
-                    b = tl.load(flat + off + k[:, None] * s_row + cj[None, :] * s_col,
-                                mask=(k[:, None] < rows) & (cj[None, :] < r), other=0.0)
-                    acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION,
-                                 out_dtype=acc_dtype)
-                inside = (ci[:, None] < r) & (cj[None, :] < r)
-                diff = acc - tl.where(ci[:, None] == cj[None, :], 1.0, 0.0).to(acc_dtype)
-                diff = tl.where(inside, diff, 0.0)
-                tl.store(gram + g_off + ci[:, None] * r + cj[None, :], diff, mask=inside)
-                tl.store(gram + g_off + cj[None, :] * r + ci[:, None], diff, mask=inside)
-                weight = tl.where(bi == bj, 1.0, 2.0).to(acc_dtype)
-                square = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
-                part += weight * square / (r * r).to(acc_dtype)
+            bi, bj = _upper_block(tile - first, nb)
+            ci = bi * BLOCK_R + cols
+            cj = bj * BLOCK_R + cols
+            acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=acc_dtype)
+            for k0 in range(0, rows, BLOCK_K):
+                k = k0 + ks
+                a = tl.load(flat + off + k[:, None] * s_row + ci[None, :] * s_col,
+                            mask=(k[:, None] < rows) & (ci[None, :] < r), other=0.0)
+                b = tl.load(flat + off + k[:, None] * s_row + cj[None, :] * s_col,
+                            mask=(k[:, None] < rows) & (cj[None, :] < r), other=0.0)
+                acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION,
+                             out_dtype=acc_dtype)
+            inside = (ci[:, None] < r) & (cj[None, :] < r)
+            diff = acc - tl.where(ci[:, None] == cj[None, :], 1.0, 0.0).to(acc_dtype)
+            diff = tl.where(inside, diff, 0.0)
+            tl.store(gram + g_off + ci[:, None] * r + cj[None, :], diff, mask=inside)
+            tl.store(gram + g_off + cj[None, :] * r + ci[:, None], diff, mask=inside)
+            weight = tl.where(bi == bj, 1.0, 2.0).to(acc_dtype)
+            square = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+            part += weight * square / (r * r).to(acc_dtype)
             tile += num_progs
         first = last
     tl.store(partials + pid, part)
@@ -145,8 +152,9 @@ _grad_tuned = triton.autotune(
 def _grid(shapes: tuple[tuple[int, int], ...], block_a: int, block_b: int, gram: bool,
           cap: int) -> tuple[int]:
     """Persistent grid: one program per tile, at most `cap` (at least 1 to launch)."""
-    if gram:  # the grid walks every r x r block pair (lower ones are skipped in-kernel)
-        tiles = sum(triton.cdiv(r, block_a) ** 2 for _, r in shapes)
+    if gram:  # upper-triangle block pairs of every r x r Gram
+        tiles = sum(triton.cdiv(r, block_a) * (triton.cdiv(r, block_a) + 1) // 2
+                    for _, r in shapes)
     else:
         tiles = sum(triton.cdiv(rows, block_a) * triton.cdiv(r, block_b) for rows, r in shapes)
     return (max(1, min(cap, tiles)),)
