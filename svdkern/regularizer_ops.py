@@ -6,8 +6,8 @@ than keeping the parameters as views into one persistent buffer. Views would sav
 of the factors per step (bytes, small next to the Gram FLOPs), but pruning reassigns
 `param.data` with new shapes, checkpoints load into `param.data`, and optimizers hold the
 Parameter objects: every one of these would silently detach a view from a shared buffer.
-Column-major factors (e.g. a transposed view) are packed without a copy and addressed
-through their strides.
+Column-major factors (e.g. a transposed view) keep their layout in the buffer (no
+transposing copy before the cat) and are addressed through their strides.
 
 The int64 table the kernels read (offsets, shapes, strides) is cached per device, keyed by
 the shapes and layouts, so a step reuses it and a change of ranks (pruning) builds a new one.

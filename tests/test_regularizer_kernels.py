@@ -70,7 +70,7 @@ def test_orthogonality_single_matrix(shape):
 
 
 def test_orthogonality_non_contiguous():
-    """Transposed (column-major: packed without a copy, read through its strides) and
+    """Transposed (column-major: packed in its own layout, read through its strides) and
     strided slices."""
     mats = rand_matrices([(19, 33), (40, 6), (21, 18), (35, 20)], torch.float32, seed=1)
     views = [lambda t: t.t(), lambda t: t[::2], lambda t: t[:, 1:], lambda t: t.t()[:, :-1]]
