@@ -37,7 +37,8 @@ def _sparsity_kernel(flat, offsets, losses, grad, num_segments, HOYER: tl.conste
             l1 += tl.abs(x)
             l2 += x * x
         norm1 = tl.sum(l1, axis=0)
-        norm2 = tl.sqrt(tl.sum(l2, axis=0))
+        sumsq = tl.sum(l2, axis=0)
+        norm2 = tl.sqrt(sumsq)
         if HOYER:
             tl.store(losses + seg, norm1 / norm2)
         else:
@@ -47,7 +48,9 @@ def _sparsity_kernel(flat, offsets, losses, grad, num_segments, HOYER: tl.conste
             x = tl.load(flat + idx, mask=idx < hi, other=0.0).to(acc_dtype)
             sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)).to(acc_dtype)
             if HOYER:
-                g = sign / norm2 - norm1 * x / (norm2 * norm2 * norm2)
+                # sign/||s||_2 - ||s||_1 s/||s||_2^3 over one denominator: the two terms
+                # cancel exactly where they should (a length-1 s has zero gradient)
+                g = (sign * sumsq - norm1 * x) / (sumsq * norm2)
             else:
                 g = sign
             tl.store(grad + idx, g, mask=idx < hi)
