@@ -21,7 +21,7 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backend, cost, fused, reference
+from . import backend, cost, fused, reference, regularizer_ops
 from .reference import ConvSpec
 
 
@@ -95,15 +95,27 @@ def svd_conv2d(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
 
 
 def orthogonality_loss(mats: Sequence[Tensor]) -> Tensor:
-    """`sum ||M^T M - I||_F^2 / r^2` over the given 2-D matrices."""
+    """`sum ||M^T M - I||_F^2 / r^2` over the given 2-D matrices (one grouped Triton
+    launch forward and one backward on the triton backend)."""
+    mats = list(mats)
+    if mats and backend.resolve(mats[0].device) == "triton":
+        return regularizer_ops.orthogonality_loss(mats)
     return reference.orthogonality_loss(mats)
 
 
 def l1_loss(svals: Sequence[Tensor]) -> Tensor:
-    """`sum |s_j|` over the given singular-value vectors."""
+    """`sum |s_j|` over the given singular-value vectors (one segmented Triton launch for
+    loss and gradient on the triton backend)."""
+    svals = list(svals)
+    if svals and backend.resolve(svals[0].device) == "triton":
+        return regularizer_ops.l1_loss(svals)
     return reference.l1_loss(svals)
 
 
 def hoyer_loss(svals: Sequence[Tensor]) -> Tensor:
-    """`sum ||s||_1 / ||s||_2` over the given singular-value vectors."""
+    """`sum ||s||_1 / ||s||_2` over the given singular-value vectors (one segmented Triton
+    launch for loss and gradient on the triton backend)."""
+    svals = list(svals)
+    if svals and backend.resolve(svals[0].device) == "triton":
+        return regularizer_ops.hoyer_loss(svals)
     return reference.hoyer_loss(svals)

@@ -1,0 +1,218 @@
+"""Grouped orthogonality penalty over every `U` and `V` of a model in two launches.
+
+For each matrix `M` (rows x r) of a group: loss `sum ||M^T M - I||_F^2 / r^2` and gradient
+`4 M (M^T M - I) / r^2` (SPEC section 1). The matrices have different shapes, so, as in
+Triton's grouped-GEMM tutorial, one persistent grid walks the tiles of all problems; each
+program steps through the problem table in order, so finding a tile's problem costs nothing.
+The interpreter cannot load pointers from memory, so the matrices live in ONE flat buffer
+addressed through an int64 table (one row per matrix, `TABLE_COLS` columns):
+
+    offset in flat, rows, r, row stride, column stride, offset of its r x r Gram
+
+Launch 1 (`gram_loss`): Gram tiles of the upper triangle only (the Gram is symmetric), each
+storing `G - I` in both triangles of a flat Gram buffer (kept for the backward) and adding
+its squared Frobenius norm (twice for off-diagonal tiles) to a per-program fp32 partial;
+the partials are summed once afterwards: deterministic, no atomics.
+Launch 2 (`grad`): `4 M (G - I) / r^2 * grad_out`, tiled over (row block, column block) of
+every `M`. Grams larger than a tile are tiled; ranks under 16 are padded into masked tiles
+(`tl.dot` needs 16 per side). Accumulation is fp32 (fp64 for fp64 factors).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from svdkern.backend import interpreter_enabled
+
+TABLE_COLS = tl.constexpr(6)  # offset, rows, r, row stride, column stride, Gram offset
+
+# One fixed config under the interpreter (autotuning there is fragile and slow).
+_INTERP_GRAM = dict(BLOCK_R=32, BLOCK_K=32)
+_INTERP_GRAD = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+_INTERP_PROGRAMS = 4
+
+
+@triton.jit
+def _matrix_entry(table, g):
+    """Row `g` of the table: offset, rows, r, row stride, column stride, Gram offset."""
+    row = table + g * TABLE_COLS
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
+            tl.load(row + 4), tl.load(row + 5))
+
+
+@triton.jit
+def _upper_block(local, nb):
+    """(row, column) block of the `local`-th pair of the upper triangle, row by row."""
+    bi = local * 0
+    while local >= nb - bi:
+        local -= nb - bi
+        bi += 1
+    return bi, bi + local
+
+
+@triton.jit
+def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows,
+                      PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    num_progs = tl.num_programs(0)
+    acc_dtype = gram.dtype.element_ty
+    part = tl.zeros((), dtype=acc_dtype)
+    tile = pid.to(tl.int64)
+    first = tl.zeros((), dtype=tl.int64)  # first global tile of the current matrix
+    cols = tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, BLOCK_K)
+    for g in range(num_mats):
+        off, rows, r, s_row, s_col, g_off = _matrix_entry(table, g)
+        nb = tl.cdiv(r, BLOCK_R)
+        last = first + nb * (nb + 1) // 2  # upper-triangle block pairs only
+        while tile < last:
+            bi, bj = _upper_block(tile - first, nb)
+            ci = bi * BLOCK_R + cols
+            cj = bj * BLOCK_R + cols
+            acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=acc_dtype)
+            for k0 in range(0, rows, BLOCK_K):
+                k = k0 + ks
+                a = tl.load(flat + off + k[:, None] * s_row + ci[None, :] * s_col,
+                            mask=(k[:, None] < rows) & (ci[None, :] < r), other=0.0)
+                b = tl.load(flat + off + k[:, None] * s_row + cj[None, :] * s_col,
+                            mask=(k[:, None] < rows) & (cj[None, :] < r), other=0.0)
+                acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION,
+                             out_dtype=acc_dtype)
+            inside = (ci[:, None] < r) & (cj[None, :] < r)
+            diff = acc - tl.where(ci[:, None] == cj[None, :], 1.0, 0.0).to(acc_dtype)
+            diff = tl.where(inside, diff, 0.0)
+            tl.store(gram + g_off + ci[:, None] * r + cj[None, :], diff, mask=inside)
+            tl.store(gram + g_off + cj[None, :] * r + ci[:, None], diff, mask=inside)
+            weight = tl.where(bi == bj, 1.0, 2.0).to(acc_dtype)
+            square = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+            part += weight * square / (r * r).to(acc_dtype)
+            tile += num_progs
+        first = last
+    tl.store(partials + pid, part)
+
+
+@triton.jit
+def _grad_kernel(flat, table, gram, grad_out, grad, num_mats, max_rank, max_rows,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    num_progs = tl.num_programs(0)
+    acc_dtype = gram.dtype.element_ty
+    upstream = tl.load(grad_out).to(acc_dtype)
+    tile = pid.to(tl.int64)
+    first = tl.zeros((), dtype=tl.int64)
+    ms = tl.arange(0, BLOCK_M)
+    ns = tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    for g in range(num_mats):
+        off, rows, r, s_row, s_col, g_off = _matrix_entry(table, g)
+        nbn = tl.cdiv(r, BLOCK_N)
+        last = first + tl.cdiv(rows, BLOCK_M) * nbn
+        while tile < last:
+            local = tile - first
+            rm = (local // nbn) * BLOCK_M + ms
+            rn = (local % nbn) * BLOCK_N + ns
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+            for k0 in range(0, r, BLOCK_K):
+                k = k0 + ks
+                a = tl.load(flat + off + rm[:, None] * s_row + k[None, :] * s_col,
+                            mask=(rm[:, None] < rows) & (k[None, :] < r), other=0.0)
+                b = tl.load(gram + g_off + k[:, None] * r + rn[None, :],
+                            mask=(k[:, None] < r) & (rn[None, :] < r), other=0.0)
+                acc = tl.dot(a.to(acc_dtype), b, acc, input_precision=PRECISION,
+                             out_dtype=acc_dtype)
+            scale = 4.0 * upstream / (r * r).to(acc_dtype)
+            tl.store(grad + off + rm[:, None] * s_row + rn[None, :] * s_col,
+                     (acc * scale).to(grad.dtype.element_ty),
+                     mask=(rm[:, None] < rows) & (rn[None, :] < r))
+            tile += num_progs
+        first = last
+
+
+def _configs(names: tuple[str, ...], sizes: list[tuple[int, ...]]) -> list[triton.Config]:
+    return [triton.Config(dict(zip(names, size)), num_warps=w, num_stages=st)
+            for size in sizes for w in (4, 8) for st in (2, 3)]
+
+
+# On a GPU the block sizes are tuned per (matrix count, largest rank, most rows) bucket.
+_gram_loss_tuned = triton.autotune(
+    _configs(("BLOCK_R", "BLOCK_K"), [(32, 32), (64, 32), (64, 64), (128, 32)]),
+    key=["num_mats", "max_rank", "max_rows"], reset_to_zero=["partials"],
+)(_gram_loss_kernel)
+_grad_tuned = triton.autotune(
+    _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [(32, 32, 32), (64, 64, 32), (128, 64, 32),
+                                                  (64, 128, 64)]),
+    key=["num_mats", "max_rank", "max_rows"],
+)(_grad_kernel)
+
+
+def _grid(shapes: tuple[tuple[int, int], ...], block_a: int, block_b: int, gram: bool,
+          cap: int) -> tuple[int]:
+    """Persistent grid: one program per tile, at most `cap` (at least 1 to launch)."""
+    if gram:  # upper-triangle block pairs of every r x r Gram
+        tiles = sum(triton.cdiv(r, block_a) * (triton.cdiv(r, block_a) + 1) // 2
+                    for _, r in shapes)
+    else:
+        tiles = sum(triton.cdiv(rows, block_a) * triton.cdiv(r, block_b) for rows, r in shapes)
+    return (max(1, min(cap, tiles)),)
+
+
+@functools.lru_cache(maxsize=8)
+def _max_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERP_PROGRAMS
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def precision_for(dtype: torch.dtype, device: torch.device) -> str:
+    """`tl.dot` input precision: TF32 for fp32 on a GPU only where torch allows TF32 matmuls
+    (`torch.backends.cuda.matmul.allow_tf32`), exact IEEE otherwise (and always here)."""
+    tf32 = (device.type == "cuda" and dtype == torch.float32 and not interpreter_enabled()
+            and torch.backends.cuda.matmul.allow_tf32)
+    return "tf32" if tf32 else "ieee"
+
+
+def gram_loss(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, int], ...],
+              gram_numel: int, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch 1: (loss scalar, flat `G - I` of every matrix), both in `acc_dtype`."""
+    gram = torch.empty(gram_numel, dtype=acc_dtype, device=flat.device)
+    cap = _max_programs(flat.device)
+    partials = torch.zeros(cap, dtype=acc_dtype, device=flat.device)
+    args = (flat, table, gram, partials, len(shapes), *_tune_keys(shapes))
+    precision = precision_for(flat.dtype, flat.device)
+    if interpreter_enabled():
+        grid = _grid(shapes, _INTERP_GRAM["BLOCK_R"], 0, True, cap)
+        _gram_loss_kernel[grid](*args, PRECISION=precision, **_INTERP_GRAM)
+    else:
+        grid = lambda meta: _grid(shapes, meta["BLOCK_R"], 0, True, cap)  # noqa: E731
+        _gram_loss_tuned[grid](*args, PRECISION=precision)
+    return partials.sum(), gram
+
+
+def grad(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, int], ...],
+         gram: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """Launch 2: `4 M (G - I) / r^2 * grad_out` for every matrix, laid out like `flat`."""
+    out = torch.empty_like(flat)
+    cap = _max_programs(flat.device)
+    upstream = grad_out.reshape(1).to(gram.dtype)
+    args = (flat, table, gram, upstream, out, len(shapes), *_tune_keys(shapes))
+    precision = precision_for(flat.dtype, flat.device)
+    if interpreter_enabled():
+        cfg = _INTERP_GRAD
+        grid = _grid(shapes, cfg["BLOCK_M"], cfg["BLOCK_N"], False, cap)
+        _grad_kernel[grid](*args, PRECISION=precision, **cfg)
+    else:
+        grid = lambda meta: _grid(  # noqa: E731
+            shapes, meta["BLOCK_M"], meta["BLOCK_N"], False, cap)
+        _grad_tuned[grid](*args, PRECISION=precision)
+    return out
+
+
+def _tune_keys(shapes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """(max_rank, max_rows): autotune keys only (the kernels do not read them), bucketed to
+    powers of two so a model pruned to nearby ranks reuses its tuning."""
+    return (triton.next_power_of_2(max(r for _, r in shapes)),
+            triton.next_power_of_2(max(rows for rows, _ in shapes)))

@@ -1,0 +1,325 @@
+"""Grouped orthogonality and segmented L1/Hoyer Triton kernels against the float64
+reference (value and gradient). On CPU they run through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1): fp32 with IEEE dots, fp16 and fp64; bf16 and TF32 need a GPU and are in
+the CUDA-only tests at the end."""
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import svdkern
+from svdkern import backend, ops, reference, regularizer_ops
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+# tall, square, rank 1, wide (rows < r), ranks off every block size, r > one 32-wide Gram tile
+SHAPES = [(37, 5), (20, 20), (9, 1), (3, 17), (70, 40), (1, 1)]
+
+
+def rand_matrices(shapes, dtype, seed=0):
+    """Near-orthonormal-scale random matrices (Gram entries of order 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, r, generator=gen, dtype=torch.float64) / rows ** 0.5)
+            .to(DEVICE, dtype) for rows, r in shapes]
+
+
+def assert_close(actual, expected, dtype, what):
+    err = (actual.double() - expected.double()).abs().max().item()
+    # relative to the largest entry; the floor covers exact zeros (Hoyer of a length-1 s)
+    scale = max(expected.double().abs().max().item(), 1e-2)
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+def check_against_reference(loss_fn, ref_fn, inputs, dtype, what, views=None):
+    """Loss and every input gradient on the triton backend vs the float64 reference (on
+    float64 copies), with a non-unit upstream gradient; `views` (one function per input)
+    feeds the losses views of the leaves instead of the leaves."""
+    views = views or [lambda t: t] * len(inputs)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with backend.use("triton"):
+        loss = loss_fn([view(t) for t, view in zip(leaves, views)])
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected_dtype and loss.shape == ()
+    upstream = torch.tensor(0.7, dtype=loss.dtype, device=DEVICE)
+    loss.backward(upstream)
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    ref_loss = ref_fn([view(t) for t, view in zip(refs, views)])
+    ref_loss.backward(upstream.double())
+    # the loss accumulates in fp32 (fp64) whatever the inputs: hold it to that tolerance
+    assert_close(loss, ref_loss, loss.dtype, f"{what} loss")
+    for i, (leaf, ref) in enumerate(zip(leaves, refs)):
+        assert leaf.grad.dtype == leaf.dtype
+        assert_close(leaf.grad, ref.grad, dtype, f"{what} grad {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_orthogonality_mixed_shapes(dtype):
+    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+                            rand_matrices(SHAPES, dtype), dtype, f"{dtype} mix")
+
+
+@pytest.mark.parametrize("shape", [(45, 45), (80, 70), (4, 1)])
+def test_orthogonality_single_matrix(shape):
+    """One matrix; the larger ones also tile their Gram into 2 x 2 and 3 x 3 blocks of 32
+    (upper triangle computed, mirrored)."""
+    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+                            rand_matrices([shape], torch.float32), torch.float32, "single")
+
+
+def test_orthogonality_non_contiguous():
+    """Transposed (column-major: packed in its own layout, read through its strides) and
+    strided slices."""
+    mats = rand_matrices([(19, 33), (40, 6), (21, 18), (35, 20)], torch.float32, seed=1)
+    views = [lambda t: t.t(), lambda t: t[::2], lambda t: t[:, 1:], lambda t: t.t()[:, :-1]]
+    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss, mats,
+                            torch.float32, "views", views)
+
+
+@settings(max_examples=12, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(1, 50), st.integers(1, 40)), min_size=1,
+                       max_size=4),
+       lengths=st.lists(st.integers(1, 300), min_size=1, max_size=4),
+       seed=st.integers(0, 2 ** 16))
+def test_random_shapes(shapes, lengths, seed):
+    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+                            rand_matrices(shapes, torch.float32, seed), torch.float32, "ortho")
+    check_against_reference(ops.hoyer_loss, reference.hoyer_loss,
+                            rand_vectors(lengths, torch.float32, seed), torch.float32, "hoyer")
+
+
+def test_orthogonality_exact_for_orthonormal():
+    """Orthonormal columns give zero loss and zero gradient (up to rounding)."""
+    Q = torch.linalg.qr(torch.randn(50, 33, dtype=torch.float64))[0].to(DEVICE)
+    Q.requires_grad_()
+    with backend.use("triton"):
+        loss = ops.orthogonality_loss([Q, Q[:, :1]])
+    loss.backward()
+    assert loss.item() < 1e-24 and Q.grad.abs().max().item() < 1e-13
+
+
+def rand_vectors(lengths, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = [torch.randn(n, generator=gen, dtype=torch.float64) for n in lengths]
+    if out[0].numel() > 1:
+        out[0][0] = 0.0  # sign(0) = 0, as autograd of abs (an all-zero s is 0/0 in Hoyer)
+    return [v.to(DEVICE, dtype) for v in out]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", ["l1", "hoyer"])
+def test_sparsity(kind, dtype):
+    """Segments of length 1, odd, and longer than one 256-wide chunk."""
+    loss_fn = ops.hoyer_loss if kind == "hoyer" else ops.l1_loss
+    ref_fn = reference.hoyer_loss if kind == "hoyer" else reference.l1_loss
+    check_against_reference(loss_fn, ref_fn, rand_vectors([7, 1, 300, 513], dtype), dtype,
+                            f"{kind} {dtype}")
+
+
+@pytest.mark.parametrize("kind", ["l1", "hoyer"])
+def test_sparsity_single_and_strided(kind):
+    loss_fn = ops.hoyer_loss if kind == "hoyer" else ops.l1_loss
+    ref_fn = reference.hoyer_loss if kind == "hoyer" else reference.l1_loss
+    base = rand_vectors([40], torch.float32)[0]
+    for views in ([base], [base[::3], base[1:2]]):
+        leaves = [v.detach().clone().requires_grad_() for v in views]
+        with backend.use("triton"):
+            loss = loss_fn(leaves)
+        loss.backward()
+        refs = [v.detach().double().requires_grad_() for v in views]
+        ref_fn(refs).backward()
+        assert_close(loss, ref_fn(refs), torch.float32, kind)
+        for leaf, ref in zip(leaves, refs):
+            assert_close(leaf.grad, ref.grad, torch.float32, kind)
+
+
+def small_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 10), nn.Linear(10, 37))
+    return svdkern.decompose(model).to(DEVICE)
+
+
+def regularizer_grads(model, reg, name):
+    model.zero_grad()
+    with backend.use(name):
+        loss = reg()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}
+
+
+@pytest.mark.parametrize("sparsity", ["hoyer", "l1"])
+def test_regularizer_matches_reference_before_and_after_prune(sparsity):
+    """SVDRegularizer on the triton backend equals the reference backend, also after a
+    prune that changes ranks (the cached layout table is rebuilt for the new shapes)."""
+    model = small_model()
+    with torch.no_grad():  # perturb so that U, V are not exactly orthonormal
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reg = svdkern.SVDRegularizer(model, ortho=1.0, sparsity=sparsity, strength=0.3)
+    regularizer_ops.matrix_table.cache_clear()
+    for step in ("decomposed", "pruned"):
+        if step == "pruned":
+            ranks = [layer.rank for _, layer in svdkern.svd_layers(model)]
+            svdkern.prune(model, energy=0.2)
+            assert [layer.rank for _, layer in svdkern.svd_layers(model)] != ranks
+        loss, grads = regularizer_grads(model, reg, "triton")
+        ref_loss, ref_grads = regularizer_grads(model, reg, "reference")
+        assert_close(loss, ref_loss, torch.float32, step)
+        assert grads.keys() == ref_grads.keys() and len(grads) > 0
+        for n in grads:
+            assert_close(grads[n], ref_grads[n], torch.float32, f"{step} {n}")
+    assert regularizer_ops.matrix_table.cache_info().misses == 2  # one layout per rank set
+
+
+def test_table_cached_between_steps():
+    mats = rand_matrices([(11, 3), (12, 4)], torch.float32)
+    with backend.use("triton"):
+        ops.orthogonality_loss(mats)
+        before = regularizer_ops.matrix_table.cache_info()
+        ops.orthogonality_loss(mats)
+        after = regularizer_ops.matrix_table.cache_info()
+    assert after.hits == before.hits + 1 and after.misses == before.misses
+
+
+def test_auto_backend_on_cpu_uses_reference(monkeypatch):
+    if DEVICE == "cuda":
+        pytest.skip("auto picks triton on CUDA")
+
+    def fail(*args):
+        raise AssertionError("triton path taken")
+    monkeypatch.setattr(regularizer_ops, "orthogonality_loss", fail)
+    monkeypatch.setattr(regularizer_ops, "hoyer_loss", fail)
+    with backend.use("auto"):
+        ops.orthogonality_loss(rand_matrices([(5, 2)], torch.float32))
+        ops.hoyer_loss(rand_vectors([4], torch.float32))
+
+
+def test_bad_inputs():
+    with backend.use("triton"):
+        with pytest.raises(ValueError, match="expected 2-D"):
+            ops.orthogonality_loss([torch.randn(2, 3, 4, device=DEVICE)])
+        with pytest.raises(ValueError, match="floating point"):
+            ops.orthogonality_loss([torch.randn(3, 2, device=DEVICE),
+                                    torch.ones(3, 2, dtype=torch.int64, device=DEVICE)])
+        with pytest.raises(ValueError, match="got no"):
+            ops.orthogonality_loss([])
+        with pytest.raises(ValueError, match="vector 1 is empty"):
+            ops.l1_loss([torch.randn(3, device=DEVICE), torch.randn(0, device=DEVICE)])
+
+
+def test_opcheck():
+    mats = rand_matrices([(9, 3), (5, 5)], torch.float32)
+    flat, key = regularizer_ops.pack_matrices(mats)
+    table, gram_numel = regularizer_ops.matrix_table(key, flat.device)
+    shapes = [n for rows, r, _ in key for n in (rows, r)]
+    flat.requires_grad_()
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor",
+             "test_aot_dispatch_dynamic")
+    torch.library.opcheck(regularizer_ops._orthogonality, (flat, table, shapes, gram_numel),
+                          test_utils=tests)
+    _, gram = regularizer_ops._orthogonality(flat.detach(), table, shapes, gram_numel)
+    torch.library.opcheck(regularizer_ops._orthogonality_grad,
+                          (flat.detach(), table, shapes, gram, torch.tensor(1.0)),
+                          test_utils=tests)
+    svals = torch.randn(12, device=DEVICE, requires_grad=True)
+    offsets = regularizer_ops.segment_offsets((5, 7), svals.device)
+    for hoyer in (False, True):
+        torch.library.opcheck(regularizer_ops._sparsity, (svals, offsets, hoyer),
+                              test_utils=tests)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile_fullgraph():
+    """The custom ops trace into one graph (their fake implementations) and run the kernels."""
+    mats = [m.requires_grad_() for m in rand_matrices([(9, 3), (20, 17)], torch.float32)]
+    svals = [v.requires_grad_() for v in rand_vectors([5, 2], torch.float32)]
+
+    def regularizer(mats, svals):
+        return regularizer_ops.orthogonality_loss(mats) + regularizer_ops.hoyer_loss(svals)
+    loss = torch.compile(regularizer, backend="aot_eager", fullgraph=True)(mats, svals)
+    loss.backward()
+    refs = [t.detach().double().requires_grad_() for t in mats + svals]
+    ref = reference.orthogonality_loss(refs[:2]) + reference.hoyer_loss(refs[2:])
+    ref.backward()
+    assert_close(loss, ref, torch.float32, "compiled loss")
+    for t, r in zip(mats + svals, refs):
+        assert_close(t.grad, r.grad, torch.float32, "compiled grad")
+
+
+def test_bf16_on_cpu_is_read_as_fp32():
+    """The interpreter has no bf16: bf16 factors are packed as fp32, grads come back bf16."""
+    if DEVICE == "cuda":
+        pytest.skip("bf16 runs natively on the GPU (test_bf16_on_gpu)")
+    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+                            rand_matrices([(37, 5), (3, 17)], torch.bfloat16), torch.bfloat16,
+                            "bf16 cpu")
+    check_against_reference(ops.l1_loss, reference.l1_loss,
+                            rand_vectors([7, 3], torch.bfloat16), torch.bfloat16, "bf16 cpu")
+
+
+# ------------------------------------------------------------------------- GPU only
+@cuda_only
+def test_bf16_on_gpu():
+    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+                            rand_matrices(SHAPES + [(300, 130)], torch.bfloat16),
+                            torch.bfloat16, "bf16 mix")
+    check_against_reference(ops.hoyer_loss, reference.hoyer_loss,
+                            rand_vectors([7, 1, 300], torch.bfloat16), torch.bfloat16, "bf16")
+
+
+@cuda_only
+def test_tf32_on_gpu(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    TOL[torch.float32] = 1e-3  # tf32 inputs carry 10 mantissa bits
+    try:
+        check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+                                rand_matrices(SHAPES + [(1000, 600)], torch.float32),
+                                torch.float32, "tf32 mix")
+    finally:
+        TOL[torch.float32] = 1e-5
+
+
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from svdkern.kernels import orthogonality as O, sparsity as S
+target = GPUTarget("cuda", 90, 32)
+def build(fn, sig, consts):
+    sig.update({k: "constexpr" for k in consts})
+    triton.compile(ASTSource(fn, sig, consts), target=target)
+ints = dict(num_mats="i32", max_rank="i32", max_rows="i32")
+for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee"),
+                 ("fp64", "ieee")):
+    acc = "fp64" if dt == "fp64" else "fp32"
+    build(O._gram_loss_kernel, dict(flat="*" + dt, table="*i64", gram="*" + acc,
+          partials="*" + acc, **ints), dict(PRECISION=prec, BLOCK_R=64, BLOCK_K=32))
+    build(O._grad_kernel, dict(flat="*" + dt, table="*i64", gram="*" + acc,
+          grad_out="*" + acc, grad="*" + dt, **ints),
+          dict(PRECISION=prec, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32))
+    for hoyer in (False, True):
+        build(S._sparsity_kernel, dict(flat="*" + dt, offsets="*i64", losses="*" + acc,
+              grad="*" + acc, num_segments="i32"), dict(HOYER=hoyer, BLOCK=256))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
+def test_kernels_compile_for_gpu():
+    """The interpreter does not check what only the compiler does (globals, loop-carried
+    types, dot operand types): compile every kernel variant for sm_90 (no GPU needed), in a
+    subprocess because this process runs Triton in interpreter mode."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if "ptxas" in done.stderr and "not found" in done.stderr.lower():
+        pytest.skip("Triton's CUDA toolchain is not installed")
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
