@@ -97,25 +97,24 @@ def svd_conv2d(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
 def orthogonality_loss(mats: Sequence[Tensor]) -> Tensor:
     """`sum ||M^T M - I||_F^2 / r^2` over the given 2-D matrices (one grouped Triton
     launch forward and one backward on the triton backend)."""
-    mats = list(mats)
-    if mats and backend.resolve(mats[0].device) == "triton":
-        return regularizer_ops.orthogonality_loss(mats)
-    return reference.orthogonality_loss(mats)
+    return _regularizer("orthogonality_loss", mats)
 
 
 def l1_loss(svals: Sequence[Tensor]) -> Tensor:
     """`sum |s_j|` over the given singular-value vectors (one segmented Triton launch for
     loss and gradient on the triton backend)."""
-    svals = list(svals)
-    if svals and backend.resolve(svals[0].device) == "triton":
-        return regularizer_ops.l1_loss(svals)
-    return reference.l1_loss(svals)
+    return _regularizer("l1_loss", svals)
 
 
 def hoyer_loss(svals: Sequence[Tensor]) -> Tensor:
     """`sum ||s||_1 / ||s||_2` over the given singular-value vectors (one segmented Triton
     launch for loss and gradient on the triton backend)."""
-    svals = list(svals)
-    if svals and backend.resolve(svals[0].device) == "triton":
-        return regularizer_ops.hoyer_loss(svals)
-    return reference.hoyer_loss(svals)
+    return _regularizer("hoyer_loss", svals)
+
+
+def _regularizer(name: str, tensors: Sequence[Tensor]) -> Tensor:
+    """Run regularizer `name` on the Triton kernels where the backend says so, else on the
+    reference (which also reports an empty list)."""
+    tensors = list(tensors)
+    on_triton = bool(tensors) and backend.resolve(tensors[0].device) == "triton"
+    return getattr(regularizer_ops if on_triton else reference, name)(tensors)
