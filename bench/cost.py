@@ -12,13 +12,17 @@ read twice and their gradients written once.
 """
 from __future__ import annotations
 
+from svdkern.cost import linear_flops
+
+FORWARD_AND_BACKWARD = 3  # the backward of each path costs twice its forward
+
 
 def linear_chain_flops(B: int, n: int, m: int, r: int) -> int:
-    return 6 * B * r * (n + m)
+    return FORWARD_AND_BACKWARD * linear_flops(B, n, m, r)[0]
 
 
 def linear_materialized_flops(B: int, n: int, m: int, r: int) -> int:
-    return 6 * B * m * n + 6 * m * n * r
+    return FORWARD_AND_BACKWARD * linear_flops(B, n, m, r)[1]
 
 
 def linear_dense_flops(B: int, n: int, m: int) -> int:

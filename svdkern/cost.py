@@ -41,6 +41,14 @@ def _conv_flops(n_img: int, in_hw: tuple[int, int], out_ch: int, in_per_group: i
 def conv_flops(x_shape: tuple[int, ...], spec: ConvSpec, r: int) -> tuple[int, int]:
     """(chain, materialized) forward FLOPs of a factorized conv on input `x_shape`
     (N, C, H, W) or unbatched (C, H, W)."""
+    chain, dense = conv_chain_and_dense_flops(x_shape, spec, r)
+    rows, cols = spec.matrix_shape
+    return chain, 2 * spec.groups * rows * cols * r + dense
+
+
+def conv_chain_and_dense_flops(x_shape: tuple[int, ...], spec: ConvSpec,
+                               r: int) -> tuple[int, int]:
+    """(two thin convs, one dense conv of the same weight) forward FLOPs on `x_shape`."""
     n_img = x_shape[0] if len(x_shape) == 4 else 1
     h, w = x_shape[-2:]
     g = spec.groups
@@ -52,8 +60,7 @@ def conv_flops(x_shape: tuple[int, ...], spec: ConvSpec, r: int) -> tuple[int, i
     second, _ = _conv_flops(n_img, mid_hw, spec.out_channels, r, k2, geo2)
     full = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation)
     dense, _ = _conv_flops(n_img, (h, w), spec.out_channels, c_g, (kh, kw), full)
-    rows, cols = spec.matrix_shape
-    return first + second, 2 * g * rows * cols * r + dense
+    return first + second, dense
 
 
 def cheaper(chain: int, materialized: int) -> str:

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from . import ops, reference
+from . import cost, ops, reference
 from .reference import SCHEMES, ConvSpec
 
 
@@ -190,8 +190,8 @@ class SVDLinear(SVDLayer):
 
     def flops(self, in_hw: tuple[int, int] | None = None) -> tuple[int, int]:
         """(factorized, dense) FLOPs per input row."""
-        return 2 * self.rank * (self.in_features + self.out_features), \
-            2 * self.in_features * self.out_features
+        chain, _ = cost.linear_flops(1, self.in_features, self.out_features, self.rank)
+        return chain, 2 * self.in_features * self.out_features
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -255,23 +255,10 @@ class SVDConv2d(SVDLayer):
         self._check_input(x, (3, 4), -3, self.in_channels)
         return ops.svd_conv2d(x, self.U, self.s, self.V, self.bias, self.spec)
 
-    def output_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
-        return tuple(  # type: ignore[return-value]
-            (size + 2 * p - d * (k - 1) - 1) // st + 1
-            for size, p, d, k, st in zip(in_hw, self.padding, self.dilation, self.kernel_size,
-                                         self.stride))
-
     def flops(self, in_hw: tuple[int, int]) -> tuple[int, int]:
         """(factorized, dense) FLOPs per image of input spatial size `in_hw`."""
-        (h_out, w_out), (kh, kw) = self.output_hw(in_hw), self.kernel_size
-        g, r = self.num_groups, self.rank
-        c_g, n = self.in_channels // g, self.out_channels
-        dense = 2 * n * c_g * kh * kw * h_out * w_out
-        if self.scheme == "channel":
-            svd = 2 * g * r * c_g * kh * kw * h_out * w_out + 2 * n * r * h_out * w_out
-        else:  # the first conv keeps the full padded-free input width
-            svd = 2 * g * r * c_g * kh * h_out * in_hw[1] + 2 * n * r * kw * h_out * w_out
-        return svd, dense
+        return cost.conv_chain_and_dense_flops((1, self.in_channels, *in_hw), self.spec,
+                                               self.rank)
 
     def extra_repr(self) -> str:
         sp = self.spec

@@ -150,14 +150,21 @@ CONVS = [  # (layer kwargs, input shape)
 
 @pytest.mark.parametrize("kwargs,shape", CONVS)
 @pytest.mark.parametrize("rank", [None, 2])
-def test_conv_flops_agree_with_the_layer(kwargs, shape, rank):
-    """cost.conv_flops and SVDConv2d.flops are derived independently: they must agree."""
+def test_conv_flops_match_a_count_from_the_convs_run(kwargs, shape, rank):
+    """cost.conv_flops against 2 * outputs * weights-per-output of the convs actually run."""
     layer = SVDConv2d(**kwargs, rank=rank)
-    chain, mat = cost.conv_flops(shape, layer.spec, layer.rank)
-    svd, dense = layer.flops(shape[-2:])
+    sp = layer.spec
+    x = torch.randn(shape)
+    w1, w2 = reference.conv_chain_weights(layer.U, layer.s, layer.V, sp)
+    geo1, geo2 = reference.conv_chain_geometry(sp)
+    with torch.no_grad():
+        h = reference.conv2d(x, w1, None, sp.groups, sp.padding_mode, **geo1)
+        y = reference.conv2d(h, w2, None, sp.groups, sp.padding_mode, **geo2)
+    chain = 2 * h.numel() * w1[0].numel() + 2 * y.numel() * w2[0].numel()
+    dense = 2 * y.numel() * layer.weight[0].numel()
     rows, cols = layer.matrix_shape
-    assert chain == shape[0] * svd
-    assert mat == shape[0] * dense + 2 * layer.num_groups * rows * cols * layer.rank
+    assert cost.conv_flops(shape, sp, layer.rank) == (chain, dense + 2 * sp.groups * rows * cols * layer.rank)
+    assert layer.flops(shape[-2:]) == (chain // shape[0], dense // shape[0])
 
 
 def test_conv_picks_the_cheaper_path():
