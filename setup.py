@@ -15,7 +15,7 @@ setup(
                       "scikit-learn", "matplotlib", "tqdm"],  # training CLI: data, plots, bars
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.0"],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "triton>=3.0"],  # CI runs the bench smoke too
         "bench": ["pytest-benchmark>=4", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["svdkern=svdkern.cli:main"]},
