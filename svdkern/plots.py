@@ -17,7 +17,8 @@ def plot_spectra(result: dict, path: str) -> None:
     names = list(spec["after"])
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    height = 2.4 * rows + 0.6  # inches; 0.6 for the title and the bottom axis labels
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, height), squeeze=False)
     for ax, name in zip(axes.flat, names):
         for key, style in (("init", dict(color="0.6", ls="--", label="init")),
                            ("before", dict(color="tab:blue", label="before")),
@@ -32,7 +33,7 @@ def plot_spectra(result: dict, path: str) -> None:
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{result['method']} (energy {result['energy']}): singular values per layer",
                  fontsize=9)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.25 / rows, top=1 - 0.55 / rows,
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.3 / height, top=1 - 0.45 / height,
                         hspace=0.5, wspace=0.3)
     fig.savefig(path, dpi=90)
     plt.close(fig)
