@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import svdkern
-from helpers import rel_err, small_cnn
+from helpers import small_cnn
 
 
 def _pruned(scheme="channel"):
