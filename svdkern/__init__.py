@@ -1,6 +1,6 @@
 """svdkern: SVD training (Yang et al. 2020) and TRP for low-rank networks, with Triton
 kernels behind a pure-PyTorch reference path."""
-from . import ops, reference
+from . import backend, ops, reference
 from .checkpoint import load, save
 from .convert import decompose
 from .distributed import WithRegularizer, prune_distributed
@@ -16,7 +16,7 @@ from .trp import TRP
 __version__ = "0.1.0"
 
 __all__ = [
-    "Plan", "SVDConv2d", "SVDLayer", "SVDLinear", "SVDRegularizer", "SVDTraining", "TRP",
+    "Plan", "SVDConv2d", "backend", "SVDLayer", "SVDLinear", "SVDRegularizer", "SVDTraining", "TRP",
     "ModelSummary", "PruneRecord", "decompose", "explain", "export", "load", "ops", "prune",
     "reference", "save", "summary", "svd_layers", "WithRegularizer", "prune_distributed",
 ]
