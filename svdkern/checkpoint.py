@@ -20,7 +20,6 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict | None = None, *
     follows the pruned ranks), `regularizer` (an `SVDRegularizer`: its settings) and
     `rng=True` (torch's CPU and CUDA generator states, for dropout and data sampling)."""
     payload = {"format": FORMAT, "version": VERSION,
-               "ranks": {name: layer.rank for name, layer in svd_layers(model)},
                "state_dict": model.state_dict(), "extra": extra or {},
                "optimizer": None if optimizer is None else optimizer.state_dict(),
                "optimizer_type": None if optimizer is None else type(optimizer).__name__,

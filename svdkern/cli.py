@@ -72,6 +72,8 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for method in [args.method] if args.command == "train" else args.methods:
+            _config(args, method).resolved()  # bad settings: a clear error before any work
         data = load_dataset(args.data, args.data_dir)
         if args.train_samples is not None:
             data = data.head(args.train_samples)

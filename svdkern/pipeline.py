@@ -107,9 +107,10 @@ class Run:
         self.optimizer = make_optimizer(self.cfg, self.model)
 
     def lr_at(self, epoch: int, phase: range) -> float:
-        """Step schedule within a phase: x0.1 at 50% and 75% of its epochs."""
+        """Step schedule within a phase: x0.1 at 50% and 75% of its epochs (never in its
+        first epoch, so a 1-epoch phase runs at the base rate)."""
         done = epoch - phase.start
-        return self.cfg.lr * 0.1 ** sum(done >= int(f * len(phase)) for f in (0.5, 0.75))
+        return self.cfg.lr * 0.1 ** sum(done >= max(1, int(f * len(phase))) for f in (0.5, 0.75))
 
     def train(self, epochs: range, label: str, penalty: Callable[[], Tensor] | None = None,
               after_backward: Callable[[], None] | None = None,

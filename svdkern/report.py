@@ -99,9 +99,12 @@ def _conv_input_sizes(model: nn.Module, example_input: torch.Tensor) -> dict[str
     hooks = [m.register_forward_pre_hook(
         lambda mod, args, name=name: sizes.__setitem__(name, tuple(args[0].shape[-2:])))
         for name, m in svd_layers(model) if isinstance(m, SVDConv2d)]
+    was_training = model.training
+    model.eval()  # the probe pass must not update BatchNorm statistics
     try:
         model(example_input[:1])
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     return sizes

@@ -49,6 +49,10 @@ class SVDTraining:
     def on_epoch_start(self, epoch: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Apply the schedule for `epoch` (0-based). Pass the optimizer so pruning slices its
         state; without it, rebuild the optimizer after the pruning epoch."""
+        if self.prune_epoch is not None and epoch > self.prune_epoch and not self.finetuning:
+            # resumed after the pruning epoch (the hook is new, the model already pruned)
+            self.finetuning = True
+            self.regularizer.sparsity = None
         if not self.finetuning:
             self.regularizer.sparsity = self.sparsity if epoch >= self.sparsity_start else None
         if self.prune_epoch is not None and epoch == self.prune_epoch and not self.finetuning:

@@ -81,3 +81,10 @@ def test_module_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "svdkern", "train", "--data", "cifar10",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--data-dir" in proc.stderr
+
+
+def test_bad_setting_is_a_clear_error_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--energy", "1.5", "--out", str(out), "--no-progress"]) == 2
+    assert "energy" in capsys.readouterr().err
+    assert not out.exists()

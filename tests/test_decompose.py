@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import svdkern
-from svdkern import SVDConv2d, SVDLinear
+from svdkern import SVDConv2d, SVDLinear, reference
 from helpers import rel_err, small_cnn
 
 
@@ -38,6 +38,9 @@ def test_conv_decomposition_is_exact(scheme, conv):
     layer = SVDConv2d.from_dense(dense, scheme=scheme)
     x = torch.randn(2, conv["in_channels"], 9, 11, dtype=torch.float64)
     assert rel_err(layer(x), dense(x)) < 1e-10
+    # the two thin convs too (at full rank the dispatch may build the dense weight instead)
+    chain = reference.svd_conv2d(x, layer.U, layer.s, layer.V, layer.bias, layer.spec)
+    assert rel_err(chain, dense(x)) < 1e-10
     assert rel_err(layer.weight, dense.weight) < 1e-10
     assert layer.weight.shape == dense.weight.shape
     for attr in ("in_channels", "out_channels", "groups"):

@@ -42,3 +42,12 @@ def test_conv_flops_blank_without_example_input():
     result = svdkern.summary(svdkern.decompose(small_cnn()), verbose=False)
     assert result.layers[0].flops is None and result.flops is None
     assert result.layers[-1].flops is not None
+
+
+def test_summary_probe_does_not_touch_batchnorm_or_mode():
+    model = svdkern.decompose(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    model.train()
+    before = model[1].running_mean.clone()
+    svdkern.summary(model, torch.randn(2, 3, 6, 6), verbose=False)
+    assert torch.equal(model[1].running_mean, before) and int(model[1].num_batches_tracked) == 0
+    assert model.training

@@ -83,3 +83,18 @@ def test_prune_while_previous_loss_graph_alive():
         loss.backward()
         opt.step()
     assert [layer.rank for _, layer in svd_layers(model)][0] == 2
+
+
+def test_hook_resumed_after_the_pruning_epoch_stays_in_fine_tuning():
+    """A new hook (e.g. after loading a checkpoint) past prune_epoch keeps sparsity off."""
+    hook = SVDTraining(_model(), strength=0.01, prune_epoch=1)
+    hook.on_epoch_start(2)
+    assert hook.finetuning and hook.regularizer.sparsity is None and hook.records == []
+
+
+def test_step_schedule_never_drops_in_a_phase_first_epoch():
+    from svdkern.pipeline import Run
+    run = Run.__new__(Run)
+    run.cfg = type("Cfg", (), {"lr": 1e-3})()
+    assert run.lr_at(10, range(10, 11)) == 1e-3
+    assert [run.lr_at(e, range(0, 4)) for e in range(4)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
