@@ -37,8 +37,12 @@ class SVDRegularizer:
         self.strength = float(strength)
         self._check_active()
 
+    def adds_nothing(self) -> bool:
+        """Whether both terms are off (ortho 0, and no sparsity or strength 0)."""
+        return self.ortho == 0 and (self.sparsity is None or self.strength == 0)
+
     def _check_active(self) -> None:
-        if self.ortho == 0 and (self.sparsity is None or self.strength == 0):
+        if self.adds_nothing():
             raise ValueError("SVDRegularizer: both terms are off (ortho=0 and no sparsity); "
                              "the regularizer would add nothing")
 

@@ -50,9 +50,7 @@ class SVDTraining:
         """Apply the schedule for `epoch` (0-based). Pass the optimizer so pruning slices its
         state; without it, rebuild the optimizer after the pruning epoch."""
         if self.prune_epoch is not None and epoch > self.prune_epoch and not self.finetuning:
-            # resumed after the pruning epoch (the hook is new, the model already pruned)
-            self.finetuning = True
-            self.regularizer.sparsity = None
+            self._start_finetuning()  # resumed after the pruning epoch: already pruned
         if not self.finetuning:
             self.regularizer.sparsity = self.sparsity if epoch >= self.sparsity_start else None
         if self.prune_epoch is not None and epoch == self.prune_epoch and not self.finetuning:
@@ -61,13 +59,15 @@ class SVDTraining:
     def prune_now(self, optimizer: torch.optim.Optimizer | None = None) -> list[PruneRecord]:
         """Prune by the energy rule and switch to fine-tuning (sparsity off, ortho kept)."""
         self.records = prune(self.model, self.energy, optimizer=optimizer)
+        self._start_finetuning()
+        return self.records
+
+    def _start_finetuning(self) -> None:
         self.finetuning = True
         self.regularizer.sparsity = None
-        return self.records
 
     def penalty(self) -> Tensor:
         """The regularizer to add to the task loss (zero when every term is off)."""
-        reg = self.regularizer
-        if reg.ortho == 0 and (reg.sparsity is None or reg.strength == 0):
+        if self.regularizer.adds_nothing():
             return torch.zeros((), device=next(self.model.parameters()).device)
-        return reg()
+        return self.regularizer()
