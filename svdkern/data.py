@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -30,13 +30,13 @@ class Dataset:
     test_y: Tensor
     num_classes: int
     augment: bool = False
+    black: tuple[float, ...] | None = None  # a black pixel after normalization: crop padding
 
     def head(self, n: int) -> "Dataset":
         """The first `n` training samples only (quick checks); the test set is kept whole."""
         if n < 1:
             raise ValueError(f"need at least one training sample, got {n}")
-        return Dataset(self.name, self.train_x[:n], self.train_y[:n], self.test_x, self.test_y,
-                       self.num_classes, self.augment)
+        return replace(self, train_x=self.train_x[:n], train_y=self.train_y[:n])
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -125,27 +125,33 @@ def load_cifar10(data_dir: str) -> Dataset:
     def norm(a: np.ndarray) -> Tensor:
         return (torch.from_numpy(a).float() / 255 - mean) / std
 
+    black = tuple(-m / s for m, s in zip(CIFAR_MEAN, CIFAR_STD))
     return Dataset("cifar10", norm(train_x), torch.from_numpy(train_y), norm(parts[5][0]),
-                   torch.from_numpy(parts[5][1]), num_classes=10, augment=True)
+                   torch.from_numpy(parts[5][1]), num_classes=10, augment=True, black=black)
 
 
 def batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator | None = None,
-            augment: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+            augment: bool = False, black: tuple[float, ...] | None = None
+            ) -> Iterator[tuple[Tensor, Tensor]]:
     """Mini-batches, shuffled when `generator` is given; `augment` applies the standard
-    CIFAR random crop (4-pixel zero padding) and horizontal flip."""
+    CIFAR random crop (4 pixels of black padding: `black` is a black pixel's per-channel
+    value in the normalized data, 0 when not given) and horizontal flip."""
     n = x.shape[0]
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         xb = x[idx]
         if augment:
-            xb = _crop_flip(xb, generator)
+            xb = _crop_flip(xb, generator, black)
         yield xb, y[idx]
 
 
-def _crop_flip(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+def _crop_flip(x: Tensor, generator: torch.Generator | None,
+               black: tuple[float, ...] | None) -> Tensor:
+    n, c, h, w = x.shape
+    fill = torch.tensor(black if black is not None else (0.0,) * c, dtype=x.dtype)
+    padded = fill.view(1, c, 1, 1).repeat(n, 1, h + 8, w + 8)
+    padded[:, :, 4:4 + h, 4:4 + w] = x
     dy = torch.randint(0, 9, (n,), generator=generator).tolist()
     dx = torch.randint(0, 9, (n,), generator=generator).tolist()
     out = torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])

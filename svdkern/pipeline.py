@@ -1,7 +1,8 @@
 """The three compression methods of the training CLI, run on the same data and budget:
 
-- "svd": SVD training (SPEC section 1): train in SVD form with the orthogonality and
-  sparsity terms, prune by the energy rule, fine-tune with sparsity off, ortho kept;
+- "svd": SVD training (SPEC section 1): train in SVD form with the orthogonality term
+  (alone for the first `sparsity_start` epochs, the paper's stage 1), then with the
+  sparsity term added, prune by the energy rule, fine-tune with sparsity off, ortho kept;
 - "trp": TRP (SPEC section 2): dense training with the nuclear subgradient and periodic
   truncation, exported at the last truncation's ranks, no fine-tuning;
 - "truncate": post-hoc baseline: train dense, truncate each layer's SVD by the energy rule,
@@ -57,6 +58,7 @@ class TrainConfig:
     lambda_o: float = 1.0
     lambda_s: float | None = None
     sparsity: str = "hoyer"
+    sparsity_start: int = 0
     energy: float = 0.05
     scheme: str = "channel"
     nuclear: float = 3e-4
@@ -83,6 +85,9 @@ class TrainConfig:
         ft = self.finetune_epochs if self.finetune_epochs is not None else epochs // 4
         if not 0 <= ft < epochs:
             raise ValueError(f"finetune_epochs must be in [0, epochs), got {ft} of {epochs}")
+        if not 0 <= self.sparsity_start <= epochs - ft:
+            raise ValueError(f"sparsity_start must be in [0, {epochs - ft}] (the epochs before "
+                             f"pruning), got {self.sparsity_start}")
         return replace(
             self, epochs=epochs, finetune_epochs=ft,
             batch_size=self.batch_size or (128 if sgd else 100),
@@ -128,7 +133,7 @@ class Run:
             self.model.train()
             total = count = 0.0
             for x, y in batches(self.data.train_x, self.data.train_y, self.cfg.batch_size,
-                                self.gen, self.data.augment):
+                                self.gen, self.data.augment, self.data.black):
                 x, y = x.to(self.cfg.device), y.to(self.cfg.device)
                 loss = F.cross_entropy(self.model(x), y)
                 total += float(loss.detach()) * len(y)
@@ -235,8 +240,9 @@ def _run_svd(cfg: TrainConfig, data: Dataset, energies: list[float], progress: b
     spec_init = spectra(model)
     run = Run(cfg, data, model, progress)
     prune_at = cfg.epochs - cfg.finetune_epochs
-    hook = SVDTraining(run.model, cfg.lambda_o, cfg.sparsity, cfg.lambda_s, cfg.energy)
-    run.train(range(prune_at), "svd train", penalty=hook.penalty)
+    hook = SVDTraining(run.model, cfg.lambda_o, cfg.sparsity, cfg.lambda_s, cfg.energy,
+                       sparsity_start=cfg.sparsity_start)
+    run.train(range(prune_at), "svd train", penalty=hook.penalty, on_epoch=hook.on_epoch_start)
     acc_before, spec_before = evaluate(run.model, data, cfg.device), spectra(run.model)
     shared = time.perf_counter() - t0
     results = []

@@ -88,3 +88,26 @@ def test_bad_setting_is_a_clear_error_before_any_work(tmp_path, capsys):
     assert main(["train", "--energy", "1.5", "--out", str(out), "--no-progress"]) == 2
     assert "energy" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_sparsity_start_trains_orthogonality_only_first(tmp_path, monkeypatch):
+    """--sparsity-start E: the paper's stage 1 (orthogonality only) for E epochs, then the
+    sparsity term, then fine-tuning without it: recorded at every penalty call."""
+    from svdkern.trainer import SVDTraining
+    seen = []
+    penalty = SVDTraining.penalty
+
+    def recording(self):
+        seen.append(self.regularizer.sparsity)
+        return penalty(self)
+    monkeypatch.setattr(SVDTraining, "penalty", recording)
+    assert main(["train", "--model", "mlp", "--epochs", "3", "--finetune-epochs", "1",
+                 "--sparsity-start", "1", "--no-progress", "--train-samples", "300",
+                 "--out", str(tmp_path)]) == 0
+    assert seen == [None] * 3 + ["hoyer"] * 3 + [None] * 3  # 300 samples = 3 batches/epoch
+
+
+def test_sparsity_start_after_pruning_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--epochs", "4", "--finetune-epochs", "1", "--sparsity-start", "4",
+                 "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "sparsity_start must be in [0, 3]" in capsys.readouterr().err

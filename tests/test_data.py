@@ -34,6 +34,7 @@ def test_cifar_reads_real_format(cifar_dir):
     std = torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)
     torch.testing.assert_close(d.test_x[0], (torch.from_numpy(raw).float() / 255 - mean) / std)
     assert d.augment
+    torch.testing.assert_close(torch.tensor(d.black).view(3, 1, 1), (0 - mean) / std)
 
 
 def test_missing_folder_and_file(tmp_path):
@@ -85,3 +86,16 @@ def test_batches_cover_all_and_augment_keeps_shape():
     assert sorted(seen.tolist()) == list(range(10))
     xb, _ = next(batches(x, y, 10, torch.Generator().manual_seed(0), augment=True))
     assert xb.shape == x.shape
+
+
+def test_random_crop_pads_with_black_pixels():
+    """The crop's padding is black in the normalized data, not the mean colour (zero)."""
+    x, y = torch.full((50, 3, 8, 8), 5.0), torch.arange(50)
+    black = (-1.0, -2.0, -3.0)
+    xb, _ = next(batches(x, y, 50, torch.Generator().manual_seed(0), True, black))
+    for c, value in enumerate(black):
+        pixels = xb[:, c].flatten()
+        assert set(pixels.unique().tolist()) == {5.0, value}
+    # without normalization info the padding is 0, as before
+    xb, _ = next(batches(x, y, 50, torch.Generator().manual_seed(0), True))
+    assert set(xb.unique().tolist()) == {0.0, 5.0}
