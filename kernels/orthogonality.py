@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from svdkern.backend import interpreter_enabled
+from svdkern.backend import dot_precision, interpreter_enabled
 
 TABLE_COLS = tl.constexpr(6)  # offset, rows, r, row stride, column stride, Gram offset
 
@@ -167,14 +167,6 @@ def _max_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def precision_for(dtype: torch.dtype, device: torch.device) -> str:
-    """`tl.dot` input precision: TF32 for fp32 on a GPU only where torch allows TF32 matmuls
-    (`torch.backends.cuda.matmul.allow_tf32`), exact IEEE otherwise (and always here)."""
-    tf32 = (device.type == "cuda" and dtype == torch.float32 and not interpreter_enabled()
-            and torch.backends.cuda.matmul.allow_tf32)
-    return "tf32" if tf32 else "ieee"
-
-
 def gram_loss(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, int], ...],
               gram_numel: int, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch 1: (loss scalar, flat `G - I` of every matrix), both in `acc_dtype`."""
@@ -182,7 +174,7 @@ def gram_loss(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, 
     cap = _max_programs(flat.device)
     partials = torch.zeros(cap, dtype=acc_dtype, device=flat.device)
     args = (flat, table, gram, partials, len(shapes), *_tune_keys(shapes))
-    precision = precision_for(flat.dtype, flat.device)
+    precision = dot_precision(flat.dtype, flat.device)
     if interpreter_enabled():
         grid = _grid(shapes, _INTERP_GRAM["BLOCK_R"], 0, True, cap)
         _gram_loss_kernel[grid](*args, PRECISION=precision, **_INTERP_GRAM)
@@ -199,7 +191,7 @@ def grad(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, int],
     cap = _max_programs(flat.device)
     upstream = grad_out.reshape(1).to(gram.dtype)
     args = (flat, table, gram, upstream, out, len(shapes), *_tune_keys(shapes))
-    precision = precision_for(flat.dtype, flat.device)
+    precision = dot_precision(flat.dtype, flat.device)
     if interpreter_enabled():
         cfg = _INTERP_GRAD
         grid = _grid(shapes, cfg["BLOCK_M"], cfg["BLOCK_N"], False, cap)

@@ -15,9 +15,9 @@ on chip, writes per-program fp32 partials of `ds = sum_rows(h * g)` and `db = su
 does well (deterministically); the caller runs them as torch matmuls on those buffers, where
 torch.compile sees them and autograd skips them for frozen factors.
 
-Numerics: fp32 accumulation for fp32/fp16/bf16 inputs. fp32 inputs use IEEE `tl.dot` under
-the interpreter and when `torch.get_float32_matmul_precision() == "highest"` (PyTorch's
-default, matching `nn.Linear`), TF32 otherwise. Offsets along B and the feature dimensions
+Numerics: fp32 accumulation for fp32/fp16/bf16 inputs. fp32 inputs use TF32 `tl.dot` exactly
+where PyTorch allows TF32 matmuls (`svdkern.backend.dot_precision`, matching `nn.Linear`),
+IEEE otherwise and always under the interpreter. Offsets along B and the feature dimensions
 are int64. Block shapes are autotuned on a GPU; the interpreter uses one fixed config.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from svdkern.backend import interpreter_enabled
+from svdkern.backend import dot_precision, interpreter_enabled
 from svdkern.cost import MAX_FUSED_RANK
 
 _INTERPRET = interpreter_enabled()
@@ -175,13 +175,6 @@ def _rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not _INTERPRET \
-            and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
 def svd_linear_fwd(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """`x` (B, n) with any strides -> `y` (B, m), contiguous, in `x`'s dtype."""
@@ -204,7 +197,8 @@ def svd_linear_fwd(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.T
                       triton.next_power_of_2(B),
                       x.stride(0), x.stride(1), U.stride(0), U.stride(1), V.stride(0), V.stride(1),
                       y.stride(0), y.stride(1),
-                      HAS_BIAS=bias is not None, R_PAD=_rank_pad(r), PRECISION=_precision(x.dtype))
+                      HAS_BIAS=bias is not None, R_PAD=_rank_pad(r),
+                      PRECISION=dot_precision(x.dtype, x.device))
     return y
 
 
@@ -236,7 +230,7 @@ def svd_linear_bwd_rows(dy: torch.Tensor, x: torch.Tensor, U: torch.Tensor, s: t
             x, dy, U, s, V, dx, hs, gs, ds_part, db_part, B, n, m, r,
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), U.stride(0), U.stride(1),
             V.stride(0), V.stride(1),
-            COMPUTE_DX=need_dx, COMPUTE_DB=need_db, R_PAD=r_pad, PRECISION=_precision(dt),
+            COMPUTE_DX=need_dx, COMPUTE_DB=need_db, R_PAD=r_pad, PRECISION=dot_precision(dt, dev),
             BLOCK_B=block_b)
     ds = ds_part.sum(0)[:r].to(s.dtype)
     db = db_part.sum(0).to(dt) if need_db else torch.empty(0, dtype=dt, device=dev)

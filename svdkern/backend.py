@@ -52,6 +52,25 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def tf32_allowed() -> bool:
+    """Whether PyTorch lets fp32 matmuls round their inputs to TF32 (as `nn.Linear` then
+    does). Read through `torch.backends.cuda.matmul.fp32_precision`, which also reflects the
+    legacy `allow_tf32` and `set_float32_matmul_precision`; the legacy getters raise once a
+    user has set the new API, so they are only the fallback for torch < 2.9."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    return precision == "tf32"
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """`tl.dot` input precision of every kernel: TF32 for fp32 on a GPU exactly where
+    `tf32_allowed()`, IEEE otherwise and always under the interpreter (which has no TF32)."""
+    tf32 = (device.type == "cuda" and dtype == torch.float32 and not interpreter_enabled()
+            and tf32_allowed())
+    return "tf32" if tf32 else "ieee"
+
+
 def triton_can_run(device: torch.device) -> bool:
     """Whether Triton kernels can run on tensors of `device` in this process."""
     if not triton_installed():

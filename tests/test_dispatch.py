@@ -190,3 +190,41 @@ def test_conv_paths_match_the_reference(kwargs, shape, name):
         y = layer(x)
     torch.testing.assert_close(y, reference.svd_conv2d(x, layer.U, layer.s, layer.V, layer.bias,
                                                        layer.spec))
+
+
+TF32_SWITCHES = """
+import torch
+from svdkern.backend import dot_precision
+cuda, cpu = torch.device("cuda"), torch.device("cpu")
+b = torch.backends
+
+def expect(precision):
+    assert dot_precision(torch.float32, cuda) == precision, precision
+    assert dot_precision(torch.bfloat16, cuda) == "ieee"
+    assert dot_precision(torch.float32, cpu) == "ieee"
+
+expect("ieee")  # PyTorch's default, as nn.Linear
+b.cuda.matmul.allow_tf32 = True; expect("tf32")
+b.cuda.matmul.allow_tf32 = False; expect("ieee")
+torch.set_float32_matmul_precision("high"); expect("tf32")
+torch.set_float32_matmul_precision("highest"); expect("ieee")
+b.cuda.matmul.fp32_precision = "tf32"; expect("tf32")  # the new API: legacy getters now raise
+b.cuda.matmul.fp32_precision = "ieee"; expect("ieee")
+b.fp32_precision = "tf32"; b.cuda.matmul.fp32_precision = "none"; expect("tf32")  # inherited
+print("ok")
+"""
+
+
+def test_tf32_follows_every_pytorch_switch():
+    """The kernels use TF32 for fp32 exactly where PyTorch's matmuls may: the legacy flag,
+    set_float32_matmul_precision and the new fp32_precision API (after which the legacy
+    getters raise, so the kernels must not read them). In a subprocess, because the new
+    API leaves this process's legacy getters raising, and without the interpreter, which
+    is IEEE only."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", TF32_SWITCHES], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
