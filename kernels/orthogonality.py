@@ -132,19 +132,25 @@ def _grad_kernel(flat, table, gram, grad_out, grad, num_mats, max_rank, max_rows
         first = last
 
 
-def _configs(names: tuple[str, ...], sizes: list[tuple[int, ...]]) -> list[triton.Config]:
-    return [triton.Config(dict(zip(names, size)), num_warps=w, num_stages=st)
-            for size in sizes for w in (4, 8) for st in (2, 3)]
+def _configs(names: tuple[str, ...], shapes: list[tuple[int, ...]]) -> list[triton.Config]:
+    """(block sizes..., warps, stages) rows -> configs."""
+    return [triton.Config(dict(zip(names, shape[:-2])), num_warps=shape[-2],
+                          num_stages=shape[-1]) for shape in shapes]
 
 
-# On a GPU the block sizes are tuned per (matrix count, largest rank, most rows) bucket.
+# On a GPU the block sizes are tuned per (matrix count, largest rank, most rows) bucket,
+# among shapes that ptxas does not spill for sm_90 in bf16 (fp32 at most 96 bytes per
+# thread): `python -m bench.kernel_resources` shows them; a 128-wide Gram tile, a 64 x 128
+# gradient tile, and 4 warps on 64-wide Gram or 128-row gradient tiles spilled 0.1-1.8 KB.
 _gram_loss_tuned = triton.autotune(
-    _configs(("BLOCK_R", "BLOCK_K"), [(32, 32), (64, 32), (64, 64), (128, 32)]),
+    _configs(("BLOCK_R", "BLOCK_K"), [(32, 32, 4, 2), (32, 32, 8, 3), (64, 32, 8, 2),
+                                      (64, 32, 8, 3), (64, 64, 8, 2)]),
     key=["num_mats", "max_rank", "max_rows"], reset_to_zero=["partials"],
 )(_gram_loss_kernel)
 _grad_tuned = triton.autotune(
-    _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [(32, 32, 32), (64, 64, 32), (128, 64, 32),
-                                                  (64, 128, 64)]),
+    _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [(32, 32, 32, 4, 2), (32, 32, 32, 8, 3),
+                                                  (64, 64, 32, 8, 2), (64, 64, 32, 8, 3),
+                                                  (128, 64, 32, 8, 2)]),
     key=["num_mats", "max_rank", "max_rows"],
 )(_grad_kernel)
 

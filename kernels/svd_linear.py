@@ -31,6 +31,10 @@ from svdkern.cost import MAX_FUSED_RANK
 
 _INTERPRET = interpreter_enabled()
 _FIXED = triton.Config({"BLOCK_B": 32, "BLOCK_K": 32, "BLOCK_N": 32}, num_warps=4)
+# fp32 values one thread may hold live before ptxas starts spilling them: compiling every
+# config for sm_90 (`python -m bench.kernel_resources`), configs above this footprint
+# spilled hundreds of bytes per thread, those at or below it at most a few dozen.
+_REGISTER_BUDGET = 72
 
 
 def _fwd_configs() -> list[triton.Config]:
@@ -39,7 +43,8 @@ def _fwd_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bb, bk, bn, w, st in [(64, 64, 64, 4, 3), (64, 64, 128, 8, 3), (128, 32, 64, 8, 3),
                                       (128, 64, 128, 8, 3), (32, 64, 64, 4, 4), (64, 32, 64, 4, 4),
-                                      (128, 64, 64, 4, 3), (16, 64, 128, 4, 4)]]
+                                      (128, 64, 64, 4, 3), (16, 32, 64, 4, 3), (32, 32, 64, 8, 3),
+                                      (64, 32, 64, 8, 3)]]
 
 
 def _bwd_configs() -> list[triton.Config]:
@@ -47,8 +52,29 @@ def _bwd_configs() -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_K": 32, "BLOCK_N": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bk, bn, w, st in [(32, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 4),
-                                  (64, 32, 8, 4), (128, 64, 8, 3)]]
+            for bk, bn, w, st in [(32, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 3),
+                                  (64, 32, 8, 4), (32, 32, 8, 3), (128, 64, 8, 3)]]
+
+
+def register_footprint(cfg: triton.Config, block_b: int, r_pad: int, itemsize: int,
+                       rank_accumulators: int) -> float:
+    """fp32 values per thread live at once: the fp32 `(BLOCK_B, R_PAD)` accumulators (`h`;
+    `h` and `g` in the backward), their `s`-scaled copy in the input dtype, and one tile."""
+    tile = max(cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"] if rank_accumulators == 2 else 0)
+    per_row = r_pad * (rank_accumulators + itemsize / 4) + tile
+    return block_b * per_row / (32 * cfg.num_warps)
+
+
+def _keep_in_registers(block_b_of, rank_accumulators: int):
+    """Autotuner pre-filter: drop the configs whose footprint exceeds the register budget for
+    this call's rank and dtype (tuning them costs compile time and they spill); never all."""
+    def prune(configs, named_args, **kwargs):
+        r_pad, itemsize = kwargs["R_PAD"], named_args["x_ptr"].element_size()
+        footprint = {id(c): register_footprint(c, block_b_of(c, kwargs), r_pad, itemsize,
+                                                rank_accumulators) for c in configs}
+        kept = [c for c in configs if footprint[id(c)] <= _REGISTER_BUDGET]
+        return kept or [min(configs, key=lambda c: footprint[id(c)])]
+    return prune
 
 
 def _bwd_block_b(r_pad: int) -> int:
@@ -75,7 +101,9 @@ def _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, s
     return h
 
 
-@triton.autotune(configs=_fwd_configs(), key=["B_BUCKET", "N_IN", "N_OUT", "R_PAD"])
+@triton.autotune(configs=_fwd_configs(), key=["B_BUCKET", "N_IN", "N_OUT", "R_PAD"],
+                 prune_configs_by={"early_config_prune": _keep_in_registers(
+                     lambda c, kw: c.kwargs["BLOCK_B"], 1)})
 @triton.jit
 def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
                 B, N_IN, N_OUT, R, B_BUCKET,
@@ -110,14 +138,17 @@ def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
                  y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_bwd_configs(), key=["N_IN", "N_OUT", "R_PAD"])
+@triton.autotune(configs=_bwd_configs(), key=["N_IN", "N_OUT", "R_PAD"],
+                 prune_configs_by={"early_config_prune": _keep_in_registers(
+                     lambda c, kw: kw["BLOCK_B"], 2)})
 @triton.jit
 def _bwd_rows_kernel(x_ptr, dy_ptr, u_ptr, s_ptr, v_ptr,
                      dx_ptr, hs_ptr, gs_ptr, ds_part_ptr, db_part_ptr,
                      B, N_IN, N_OUT, R,
                      stride_xb, stride_xk, stride_dyb, stride_dym, stride_um, stride_ur,
                      stride_vn, stride_vr,
-                     COMPUTE_DX: tl.constexpr, COMPUTE_DB: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                     COMPUTE_DX: tl.constexpr, COMPUTE_DB: tl.constexpr, R_PAD: tl.constexpr,
+                     PRECISION: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)

@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from svdkern import SVDConv2d, backend, cost, ops, reference
 from svdkern.cost import MAX_FUSED_RANK
+from helpers import run_without_interpreter
 
 pytest.importorskip("triton")
 # Where Triton runs here: CUDA, else CPU through the interpreter (set by conftest).
@@ -221,10 +222,5 @@ def test_tf32_follows_every_pytorch_switch():
     getters raise, so the kernels must not read them). In a subprocess, because the new
     API leaves this process's legacy getters raising, and without the interpreter, which
     is IEEE only."""
-    import os
-    import subprocess
-    import sys
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", TF32_SWITCHES], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = run_without_interpreter(TF32_SWITCHES)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from svdkern import fused, reference
 from svdkern.cost import MAX_FUSED_RANK
+from helpers import compile_for_sm90
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -252,3 +253,58 @@ def test_int64_offsets_beyond_2_31_elements():
     tail = x[-5:].double()
     assert_close(y[-5:], reference.svd_linear(tail, U.double(), s.double(), V.double(),
                                               b.double()), torch.float16, "y tail")
+
+
+def test_autotune_prefilter_keeps_configs_within_the_register_budget(monkeypatch):
+    """Before tuning on a GPU, each kernel drops the block shapes whose live fp32 values per
+    thread exceed the budget (they spill: bench/results/sm90-kernel-resources-*.md), for this
+    call's rank and dtype, and always keeps at least two to choose from."""
+    from svdkern.kernels import svd_linear as L
+    monkeypatch.setattr(L, "_INTERPRET", False)  # the GPU config lists and block rows
+    for kernel, configs, accumulators, kwargs_of in (
+            (L._fwd_kernel, L._fwd_configs(), 1, lambda r_pad: {"HAS_BIAS": True}),
+            (L._bwd_rows_kernel, L._bwd_configs(), 2,
+             lambda r_pad: {"BLOCK_B": L._bwd_block_b(r_pad), "COMPUTE_DX": True})):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for r_pad in (16, 32, 64, 128):
+                kwargs = {"R_PAD": r_pad, "PRECISION": "ieee", **kwargs_of(r_pad)}
+                kept = kernel.early_config_prune(configs, {"x_ptr": torch.empty(0, dtype=dtype)},
+                                                 **kwargs)
+                block_b = lambda c: c.kwargs.get("BLOCK_B", kwargs.get("BLOCK_B"))  # noqa: E731
+                within = [c for c in configs if L.register_footprint(
+                    c, block_b(c), r_pad, dtype.itemsize, accumulators) <= L._REGISTER_BUDGET]
+                assert kept == within and len(kept) >= 2, (kernel, dtype, r_pad, len(kept))
+
+
+LAYER_KERNELS_FOR_SM90 = """
+import torch
+from bench.kernel_resources import compile_backward, compile_forward
+from svdkern.kernels import svd_linear as L
+
+def first_kept(kernel, configs, dtype, r_pad, **kwargs):
+    return kernel.early_config_prune(configs, {"x_ptr": torch.empty(0, dtype=dtype)},
+                                     R_PAD=r_pad, **kwargs)[0]
+
+def both(name, dtype, precision, r_pad, flag=True):
+    fwd = first_kept(L._fwd_kernel, L._fwd_configs(), dtype, r_pad)
+    bwd = first_kept(L._bwd_rows_kernel, L._bwd_configs(), dtype, r_pad,
+                     BLOCK_B=L._bwd_block_b(r_pad))
+    compile_forward(name, r_pad, fwd, precision, has_bias=flag)
+    compile_backward(name, r_pad, bwd, precision, dx=flag, db=flag)
+
+for name, dtype, precision in (("fp32", torch.float32, "ieee"), ("fp32", torch.float32, "tf32"),
+                               ("fp16", torch.float16, "ieee"), ("bf16", torch.bfloat16, "ieee")):
+    both(name, dtype, precision, 16)
+both("bf16", torch.bfloat16, "ieee", 16, flag=False)  # no bias; no dx, no db
+both("bf16", torch.bfloat16, "ieee", 128)  # the on-chip rank cap
+both("fp32", torch.float32, "tf32", 128)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
+def test_layer_kernels_compile_for_gpu():
+    """The forward and backward kernels compile for sm_90 in every dtype (fp32 IEEE and TF32,
+    fp16, bf16), with and without bias, dx and db, at a small rank and at the on-chip cap,
+    each with the first config the autotune prefilter keeps."""
+    compile_for_sm90(LAYER_KERNELS_FOR_SM90)

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from helpers import compile_for_sm90
 
 import svdkern
 from svdkern import backend, ops, reference, regularizer_ops
@@ -288,40 +289,26 @@ def test_tf32_on_gpu(monkeypatch):
 
 COMPILE_FOR_SM90 = """
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from bench.kernel_resources import compile_sm90
 from svdkern.kernels import orthogonality as O, sparsity as S
-target = GPUTarget("cuda", 90, 32)
-def build(fn, sig, consts):
-    sig.update({k: "constexpr" for k in consts})
-    triton.compile(ASTSource(fn, sig, consts), target=target)
 ints = dict(num_mats="i32", max_rank="i32", max_rows="i32")
+gram_cfg, grad_cfg = O._gram_loss_tuned.configs[-1], O._grad_tuned.configs[-1]  # largest tiles
+sparsity_cfg = triton.Config({"BLOCK": S._BLOCK}, num_warps=4)
 for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee"),
                  ("fp64", "ieee")):
     acc = "fp64" if dt == "fp64" else "fp32"
-    build(O._gram_loss_kernel, dict(flat="*" + dt, table="*i64", gram="*" + acc,
-          partials="*" + acc, **ints), dict(PRECISION=prec, BLOCK_R=64, BLOCK_K=32))
-    build(O._grad_kernel, dict(flat="*" + dt, table="*i64", gram="*" + acc,
-          grad_out="*" + acc, grad="*" + dt, **ints),
-          dict(PRECISION=prec, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32))
+    compile_sm90(O._gram_loss_kernel, dict(flat="*" + dt, table="*i64", gram="*" + acc,
+                 partials="*" + acc, **ints), dict(PRECISION=prec), gram_cfg)
+    compile_sm90(O._grad_kernel, dict(flat="*" + dt, table="*i64", gram="*" + acc,
+                 grad_out="*" + acc, grad="*" + dt, **ints), dict(PRECISION=prec), grad_cfg)
     for hoyer in (False, True):
-        build(S._sparsity_kernel, dict(flat="*" + dt, offsets="*i64", losses="*" + acc,
-              grad="*" + acc, num_segments="i32"), dict(HOYER=hoyer, BLOCK=256))
+        compile_sm90(S._sparsity_kernel, dict(flat="*" + dt, offsets="*i64", losses="*" + acc,
+                     grad="*" + acc, num_segments="i32"), dict(HOYER=hoyer), sparsity_cfg)
 print("compiled")
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
 def test_kernels_compile_for_gpu():
-    """The interpreter does not check what only the compiler does (globals, loop-carried
-    types, dot operand types): compile every kernel variant for sm_90 (no GPU needed), in a
-    subprocess because this process runs Triton in interpreter mode."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env,
-                          capture_output=True, text=True, timeout=300)
-    if "ptxas" in done.stderr and "not found" in done.stderr.lower():
-        pytest.skip("Triton's CUDA toolchain is not installed")
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    """Every kernel variant compiles for sm_90 (what the interpreter cannot check)."""
+    compile_for_sm90(COMPILE_FOR_SM90)
