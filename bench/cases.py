@@ -4,7 +4,9 @@ A case is built for one preset and device; each alternative runs the same comput
 user could pick instead:
 - layers: "dense" (`F.linear` of the same weight), "eager reference" (backend reference),
   "compiled reference" (`torch.compile` of `reference.svd_linear`), "svdkern" (backend
-  auto: Triton on CUDA once the kernels are merged, the reference elsewhere);
+  auto: the dispatch of `svdkern.ops`);
+- crossover: each path the dispatch may take ("chain", "materialized", "fused"), forced,
+  over a sweep of batch sizes, to measure where each wins;
 - regularizer (loss + backward over all SVD layers of a model): "eager loop", "compiled
   loop", "svdkern";
 - training step (forward, backward, regularizer, Adam): "dense", "SVD reference", "svdkern";
@@ -26,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from svdkern import SVDRegularizer, backend, decompose, export, ops, reference, svd_layers
+from svdkern.cost import MAX_FUSED_RANK
+from svdkern.fused import FUSED_DTYPES
 from svdkern.pruning import apply_plan
 
 from . import cost
@@ -34,6 +38,7 @@ from .models import MODELS, batch, build, task_loss
 from .timing import rotating, rotation_count
 
 LAYER_ALTERNATIVES = ("dense", "eager reference", "compiled reference", "svdkern")
+CROSSOVER_PATHS = tuple(ops.LINEAR_PATHS)
 REGULARIZER_ALTERNATIVES = ("eager loop", "compiled loop", "svdkern")
 STEP_ALTERNATIVES = ("dense", "SVD reference", "svdkern")
 INFERENCE_ALTERNATIVES = ("dense", "exported low-rank")
@@ -74,6 +79,10 @@ class LayerShape:
     def flops(self, alternative: str) -> int:
         if alternative == "dense":
             return cost.linear_dense_flops(self.rows, self.n, self.m)
+        if alternative in ("chain", "fused"):
+            return cost.linear_chain_flops(self.rows, self.n, self.m, self.rank)
+        if alternative == "materialized":
+            return cost.linear_materialized_flops(self.rows, self.n, self.m, self.rank)
         return cost.svd_linear_work(self.rows, self.n, self.m, self.rank)
 
     def bytes(self, alternative: str, itemsize: int) -> int:
@@ -95,6 +104,25 @@ def layer_shapes(p: Preset) -> list[LayerShape]:
         for rank in dict.fromkeys((full, max(1, full // 4), max(1, full // 16))):
             shapes.append(LayerShape(model, layer, rows, n, m, rank))
     return shapes
+
+
+# (model, layer) sources of the crossover sweep: a wide MLP projection and a conv as a GEMM.
+CROSSOVER_SOURCES = (("gpt2", "mlp.c_fc"), ("resnet50", "layer3.conv2 3x3"))
+
+
+def crossover_shapes(p: Preset) -> list[LayerShape]:
+    """The crossover sources at full rank, a quarter and a sixteenth of it, each over batches
+    16, 64, 256, ... up to the preset's `crossover_rows`."""
+    batches = [16 * 4 ** k for k in range(12) if 16 * 4 ** k <= p.crossover_rows]
+    return [LayerShape(s.model, s.layer, rows, s.n, s.m, s.rank)
+            for s in layer_shapes(p) if (s.model, s.layer) in CROSSOVER_SOURCES
+            for rows in batches]
+
+
+def fused_can_run(shape: LayerShape, p: Preset, device: torch.device) -> bool:
+    """The fused path exists for this case: Triton on this device, rank and dtype in range."""
+    return (backend.triton_can_run(device) and shape.rank <= MAX_FUSED_RANK
+            and p.dtype in FUSED_DTYPES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,6 +163,9 @@ def layer_case(shape: LayerShape, alternative: str, p: Preset,
     elif alternative in ("eager reference", "svdkern"):
         backend_name = "auto" if alternative == "svdkern" else "reference"
         params, forward = (U, s, V), lambda x: ops.svd_linear(x, U, s, V)
+    elif alternative in CROSSOVER_PATHS:
+        path = ops.LINEAR_PATHS[alternative]
+        params, forward = (U, s, V), lambda x: path(x, U, s, V)
     else:
         raise ValueError(f"unknown layer alternative {alternative!r}")
 
@@ -269,6 +300,7 @@ def inference_case(name: str, alternative: str, p: Preset,
     return run
 
 
-__all__ = ["MODELS", "LAYER_ALTERNATIVES", "REGULARIZER_ALTERNATIVES", "STEP_ALTERNATIVES",
-           "INFERENCE_ALTERNATIVES", "LayerShape", "layer_shapes", "layer_case",
-           "regularizer_case", "regularizer_work", "step_case", "inference_case"]
+__all__ = ["MODELS", "LAYER_ALTERNATIVES", "CROSSOVER_PATHS", "REGULARIZER_ALTERNATIVES",
+           "STEP_ALTERNATIVES", "INFERENCE_ALTERNATIVES", "LayerShape", "layer_shapes",
+           "layer_case", "crossover_shapes", "fused_can_run", "regularizer_case",
+           "regularizer_work", "step_case", "inference_case"]

@@ -31,6 +31,7 @@ class Preset:
     compile_dynamic: bool     # one dynamic-shape graph instead of one graph per shape
     compile_backend: str      # "inductor"; the smoke run traces with "aot_eager" (no codegen)
     min_time_s: float         # CPU timing: measure each alternative for at least this long
+    crossover_rows: int       # the dispatch-crossover sweep runs batches 16, 64, ... up to it
 
     def width(self, w: int) -> int:
         return max(1, w // self.width_div)
@@ -38,11 +39,11 @@ class Preset:
 
 PRESETS = {
     "gpu": Preset("gpu", 1, 224, 32, 32, (3, 4, 6, 3), 64, 196, 16, 1024, 12, 50257, 1000,
-                  torch.bfloat16, False, "inductor", 0.0),
+                  torch.bfloat16, False, "inductor", 0.0, 65536),
     "cpu": Preset("cpu", 4, 64, 2, 16, (3, 4, 6, 3), 2, 64, 2, 64, 12, 2048, 100,
-                  torch.float32, True, "inductor", 0.2),
+                  torch.float32, True, "inductor", 0.2, 4096),
     "smoke": Preset("smoke", 16, 32, 2, 1, (1, 1, 1, 1), 1, 16, 1, 16, 2, 256, 10,
-                    torch.float32, True, "aot_eager", 0.0),
+                    torch.float32, True, "aot_eager", 0.0, 64),
 }
 
 

@@ -25,16 +25,18 @@ from pathlib import Path
 import torch
 
 import svdkern
-from svdkern import backend
+from svdkern import backend, ops
 
 from . import cost
-from .cases import (INFERENCE_ALTERNATIVES, INFERENCE_RANK_FRACTION, LAYER_ALTERNATIVES, MODELS,
-                    REGULARIZER_ALTERNATIVES, STEP_ALTERNATIVES, inference_case, layer_case,
+from .cases import (CROSSOVER_PATHS, INFERENCE_ALTERNATIVES, INFERENCE_RANK_FRACTION,
+                    LAYER_ALTERNATIVES, MODELS, REGULARIZER_ALTERNATIVES, STEP_ALTERNATIVES,
+                    LayerShape, crossover_shapes, fused_can_run, inference_case, layer_case,
                     layer_shapes, regularizer_case, regularizer_work, step_case)
 from .config import PRESETS, Preset, default_device
 from .timing import measure_ceilings, median_ms
 
-GROUPS = ("layers", "regularizer", "step", "inference")
+GROUPS = ("layers", "crossover", "regularizer", "step", "inference")
+MODEL_GROUPS = ("regularizer", "step", "inference")  # the groups that --models selects for
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -72,6 +74,18 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
             for alt in LAYER_ALTERNATIVES:
                 timed("layers", shape.id, alt, layer_case(shape, alt, p, device),
                       flops=shape.flops(alt), nbytes=shape.bytes(alt, itemsize))
+    if "crossover" in groups:
+        for shape in crossover_shapes(p):
+            dispatched = dispatch_path(shape, p, device)
+            for path in CROSSOVER_PATHS:
+                # the fused path is timed on a GPU only (elsewhere it is the interpreter)
+                if path == "fused" and not (device.type == "cuda"
+                                            and fused_can_run(shape, p, device)):
+                    continue
+                timed("crossover", shape.id, path, layer_case(shape, path, p, device),
+                      flops=shape.flops(path), nbytes=shape.bytes(path, itemsize))
+                rows[-1].update(layer=f"{shape.model}.{shape.layer}", rows=shape.rows,
+                                n=shape.n, m=shape.m, rank=shape.rank, dispatch=dispatched)
     for model in models:
         if "regularizer" in groups:
             mats, flops, nbytes = regularizer_work(model, p, device)
@@ -96,6 +110,16 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
         "command": "python -m " + " ".join(["bench.report", *sys.argv[1:]]),
     }
     return {"meta": meta, "ceilings": ceilings, "results": rows}
+
+
+def dispatch_path(shape: LayerShape, p: Preset, device: torch.device) -> str:
+    """The path `svdkern.ops.svd_linear` (backend auto) takes for this case on `device`
+    (the plan reads shapes, dtype and device only: expanded scalars allocate nothing)."""
+    def like(*size: int) -> torch.Tensor:
+        return torch.empty((), device=device, dtype=p.dtype).expand(*size)
+    with backend.use("auto"):
+        return ops.explain(like(shape.rows, shape.n), like(shape.m, shape.rank),
+                           like(shape.rank), like(shape.n, shape.rank)).path
 
 
 def _auto_backend(device: torch.device) -> str:
@@ -160,6 +184,22 @@ def markdown(report: dict) -> str:
                 f"{_x(_t(alts, 'compiled reference'), k['time_ms'])} |")
         lines += ["", "TFLOP/s and the floor count the cheaper of the factorized chain and the "
                   "materialized path (bench/cost.py); dense rows count the dense GEMMs.", ""]
+    crossover = _by_case(rows, "crossover")
+    if crossover:
+        lines += ["## Dispatch crossovers (forward + backward of each path, forced)", "",
+                  "| layer | n x m | r | rows | chain | materialized | fused | fastest | "
+                  "dispatch picks | dispatch / fastest |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for alts in crossover.values():
+            first = next(iter(alts.values()))
+            fastest = min(alts, key=lambda a: alts[a]["time_ms"])
+            picked = first["dispatch"]
+            lines.append(
+                f"| {first['layer']} | {first['n']} x {first['m']} | {first['rank']} | "
+                f"{first['rows']} | {_ms(_t(alts, 'chain'))} | {_ms(_t(alts, 'materialized'))} | "
+                f"{_ms(_t(alts, 'fused'))} | {fastest} | {picked} | "
+                f"{_x(_t(alts, picked), alts[fastest]['time_ms'])} |")
+        lines += ["", "`dispatch / fastest`: time of the path `svdkern.ops` picks over the fastest "
+                  "path measured (1.00x: the dispatch picked the fastest).", ""]
     steps = _by_case(rows, "step")
     reg = _by_case(rows, "regularizer")
     if reg:
@@ -218,7 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     report = run(p, device, args.only, args.models, log=lambda s: print(s, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    subset = [g for g in GROUPS if g in args.only] + [m for m in MODELS if m in args.models]
+    model_groups = any(g in args.only for g in MODEL_GROUPS)
+    subset = ([g for g in GROUPS if g in args.only] +
+              [m for m in MODELS if m in args.models and model_groups])
     suffix = "" if len(subset) == len(GROUPS) + len(MODELS) else "-" + "-".join(subset)
     stem = args.out / f"{device_slug(device)}-{today}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))

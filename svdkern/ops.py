@@ -76,14 +76,20 @@ def explain(x: Tensor, U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec | None = 
     return Plan(*(_linear_plan(x, U, V) if spec is None else _conv_plan(x, U, spec)))
 
 
+def _materialized_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor,
+                         bias: Tensor | None = None) -> Tensor:
+    return F.linear(x, reference.materialize(U, s, V), bias)
+
+
+# Each path `svd_linear` may take, by the name `explain` gives it (the benchmarks time them
+# one by one to measure the crossovers).
+LINEAR_PATHS = {"fused": fused.svd_linear, "materialized": _materialized_linear,
+                "chain": reference.svd_linear}
+
+
 def svd_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
     """`y = x V diag(s) U^T + b` for `x` (..., n), `U` (m, r), `s` (r,), `V` (n, r)."""
-    path = _linear_plan(x, U, V)[0]
-    if path == "fused":
-        return fused.svd_linear(x, U, s, V, bias)
-    if path == "materialized":
-        return F.linear(x, reference.materialize(U, s, V), bias)
-    return reference.svd_linear(x, U, s, V, bias)
+    return LINEAR_PATHS[_linear_plan(x, U, V)[0]](x, U, s, V, bias)
 
 
 def svd_conv2d(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
