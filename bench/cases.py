@@ -27,10 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from svdkern import SVDRegularizer, backend, decompose, export, ops, reference, svd_layers
+from svdkern import SVDConv2d, SVDRegularizer, backend, decompose, export, ops, reference, svd_layers
+from svdkern import cost as svd_cost
 from svdkern.cost import MAX_FUSED_RANK
 from svdkern.fused import FUSED_DTYPES
 from svdkern.pruning import apply_plan
+from svdkern.reference import ConvSpec
 
 from . import cost
 from .config import Preset
@@ -38,7 +40,6 @@ from .models import MODELS, batch, build, task_loss
 from .timing import rotating, rotation_count
 
 LAYER_ALTERNATIVES = ("dense", "eager reference", "compiled reference", "svdkern")
-CROSSOVER_PATHS = tuple(ops.LINEAR_PATHS)
 REGULARIZER_ALTERNATIVES = ("eager loop", "compiled loop", "svdkern")
 STEP_ALTERNATIVES = ("dense", "SVD reference", "svdkern")
 INFERENCE_ALTERNATIVES = ("dense", "exported low-rank")
@@ -106,17 +107,102 @@ def layer_shapes(p: Preset) -> list[LayerShape]:
     return shapes
 
 
-# (model, layer) sources of the crossover sweep: a wide MLP projection and a conv as a GEMM.
-CROSSOVER_SOURCES = (("gpt2", "mlp.c_fc"), ("resnet50", "layer3.conv2 3x3"))
+# Sources of the crossover sweep: GPT-2 projections as linear layers, ResNet-50 3x3 convs
+# as convolutions (the conv dispatch picks between two thin convs and one dense conv).
+LINEAR_CROSSOVER_SOURCES = (("gpt2", "mlp.c_fc"), ("gpt2", "attn.c_proj"))
+CONV_CROSSOVER_SOURCES = (("resnet50", "layer1.conv2 3x3"), ("resnet50", "layer3.conv2 3x3"))
 
 
-def crossover_shapes(p: Preset) -> list[LayerShape]:
-    """The crossover sources at full rank, a quarter and a sixteenth of it, each over batches
-    16, 64, 256, ... up to the preset's `crossover_rows`."""
-    batches = [16 * 4 ** k for k in range(12) if 16 * 4 ** k <= p.crossover_rows]
-    return [LayerShape(s.model, s.layer, rows, s.n, s.m, s.rank)
-            for s in layer_shapes(p) if (s.model, s.layer) in CROSSOVER_SOURCES
-            for rows in batches]
+@dataclass(frozen=True)
+class ConvShape:
+    """One crossover conv: `images` x `channels` x `side`^2 -> `out` channels, 3x3, padding 1,
+    at rank `rank`; `rows`, `n`, `m` are its GEMM view (B = N H W, n = 9 C)."""
+
+    model: str
+    layer: str
+    images: int
+    channels: int
+    out: int
+    side: int
+    rank: int
+
+    rows = property(lambda self: self.images * self.side ** 2)
+    n = property(lambda self: 9 * self.channels)
+    m = property(lambda self: self.out)
+
+    @property
+    def id(self) -> str:
+        layer = self.layer.replace(" ", "_")
+        return (f"{self.model}.{layer}-N{self.images}-{self.channels}x{self.out}"
+                f"@{self.side}px-r{self.rank}")
+
+    def flops(self, alternative: str) -> int:
+        chain, materialized = svd_cost.conv_flops(
+            (self.images, self.channels, self.side, self.side), conv_spec(self), self.rank)
+        return cost.FORWARD_AND_BACKWARD * (chain if alternative == "chain" else materialized)
+
+
+def conv_spec(shape: ConvShape) -> ConvSpec:
+    return ConvSpec(shape.channels, shape.out, (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros",
+                    "channel")
+
+
+def crossover_shapes(p: Preset) -> list[LayerShape | ConvShape]:
+    """Each crossover source at full rank, a quarter and a sixteenth of it, over batches of
+    16, 64, 256, ... rows (linear) or 1, 4, 16, ... images (conv) up to the preset's
+    `crossover_rows` GEMM rows."""
+    shapes: list[LayerShape | ConvShape] = []
+    for s in layer_shapes(p):
+        if (s.model, s.layer) in LINEAR_CROSSOVER_SOURCES:
+            shapes += [LayerShape(s.model, s.layer, 16 * 4 ** k, s.n, s.m, s.rank)
+                       for k in range(12) if 16 * 4 ** k <= p.crossover_rows]
+    for model, layer, channels, _, out, side in LAYER_SOURCES:
+        if (model, layer) not in CONV_CROSSOVER_SOURCES:
+            continue
+        c, out, hw = p.width(channels), p.width(out), max(1, side * p.image_side // 224)
+        full = min(9 * c, out)
+        for rank in dict.fromkeys((full, max(1, full // 4), max(1, full // 16))):
+            shapes += [ConvShape(model, layer, 4 ** k, c, out, hw, rank)
+                       for k in range(12) if 4 ** k * hw * hw <= p.crossover_rows]
+    return shapes
+
+
+def conv_case(shape: ConvShape, path: str, p: Preset,
+              device: torch.device) -> Callable[[], tuple[Tensor, Tensor]]:
+    """Forward + backward (dx and every factor gradient) of one SVD conv on `path`."""
+    torch.manual_seed(0)
+    layer = SVDConv2d(shape.channels, shape.out, 3, padding=1, bias=False, rank=shape.rank)
+    U, s, V = (t.detach().to(device, p.dtype).requires_grad_() for t in (layer.U, layer.s, layer.V))
+    x_shape = (shape.images, shape.channels, shape.side, shape.side)
+    y_shape = (shape.images, shape.out, shape.side, shape.side)
+    itemsize = torch.empty((), dtype=p.dtype).element_size()
+    sets = [(torch.randn(x_shape, device=device, dtype=p.dtype).requires_grad_(),
+             torch.randn(y_shape, device=device, dtype=p.dtype))
+            for _ in range(rotation_count(itemsize * shape.rows * (shape.channels + shape.out),
+                                          device))]
+    next_set, fn, spec = rotating(sets), ops.CONV_PATHS[path], conv_spec(shape)
+    assert spec == layer.spec
+
+    def run() -> tuple[Tensor, Tensor]:
+        x, dy = next_set()
+        y = fn(x, U, s, V, None, spec)
+        return y, torch.autograd.grad(y, (x, U, s, V), dy)[0]
+    return run
+
+
+def crossover_case(shape: LayerShape | ConvShape, path: str, p: Preset,
+                   device: torch.device) -> Callable[[], tuple[Tensor, Tensor]]:
+    if isinstance(shape, ConvShape):
+        return conv_case(shape, path, p, device)
+    return layer_case(shape, path, p, device)
+
+
+def crossover_paths(shape: LayerShape | ConvShape, p: Preset, device: torch.device) -> list[str]:
+    """The paths the dispatch may take for this case on this device (convs have no fused
+    kernel)."""
+    if isinstance(shape, ConvShape):
+        return list(ops.CONV_PATHS)
+    return [path for path in ops.LINEAR_PATHS if path != "fused" or fused_can_run(shape, p, device)]
 
 
 def fused_can_run(shape: LayerShape, p: Preset, device: torch.device) -> bool:
@@ -163,7 +249,7 @@ def layer_case(shape: LayerShape, alternative: str, p: Preset,
     elif alternative in ("eager reference", "svdkern"):
         backend_name = "auto" if alternative == "svdkern" else "reference"
         params, forward = (U, s, V), lambda x: ops.svd_linear(x, U, s, V)
-    elif alternative in CROSSOVER_PATHS:
+    elif alternative in ops.LINEAR_PATHS:
         path = ops.LINEAR_PATHS[alternative]
         params, forward = (U, s, V), lambda x: path(x, U, s, V)
     else:
@@ -300,7 +386,8 @@ def inference_case(name: str, alternative: str, p: Preset,
     return run
 
 
-__all__ = ["MODELS", "LAYER_ALTERNATIVES", "CROSSOVER_PATHS", "REGULARIZER_ALTERNATIVES",
-           "STEP_ALTERNATIVES", "INFERENCE_ALTERNATIVES", "LayerShape", "layer_shapes",
-           "layer_case", "crossover_shapes", "fused_can_run", "regularizer_case",
-           "regularizer_work", "step_case", "inference_case"]
+__all__ = ["MODELS", "LAYER_ALTERNATIVES", "REGULARIZER_ALTERNATIVES", "STEP_ALTERNATIVES",
+           "INFERENCE_ALTERNATIVES", "LayerShape", "ConvShape", "layer_shapes", "layer_case",
+           "crossover_shapes", "crossover_case", "crossover_paths", "conv_spec",
+           "fused_can_run", "regularizer_case", "regularizer_work", "step_case",
+           "inference_case"]

@@ -28,10 +28,11 @@ import svdkern
 from svdkern import backend, ops
 
 from . import cost
-from .cases import (CROSSOVER_PATHS, INFERENCE_ALTERNATIVES, INFERENCE_RANK_FRACTION,
-                    LAYER_ALTERNATIVES, MODELS, REGULARIZER_ALTERNATIVES, STEP_ALTERNATIVES,
-                    LayerShape, crossover_shapes, fused_can_run, inference_case, layer_case,
-                    layer_shapes, regularizer_case, regularizer_work, step_case)
+from .cases import (INFERENCE_ALTERNATIVES, INFERENCE_RANK_FRACTION, LAYER_ALTERNATIVES, MODELS,
+                    REGULARIZER_ALTERNATIVES, STEP_ALTERNATIVES, ConvShape, LayerShape,
+                    conv_spec, crossover_case, crossover_paths, crossover_shapes,
+                    inference_case, layer_case, layer_shapes, regularizer_case,
+                    regularizer_work, step_case)
 from .config import PRESETS, Preset, default_device
 from .timing import measure_ceilings, median_ms
 
@@ -77,14 +78,13 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
     if "crossover" in groups:
         for shape in crossover_shapes(p):
             dispatched = dispatch_path(shape, p, device)
-            for path in CROSSOVER_PATHS:
-                # the fused path is timed on a GPU only (elsewhere it is the interpreter)
-                if path == "fused" and not (device.type == "cuda"
-                                            and fused_can_run(shape, p, device)):
-                    continue
-                timed("crossover", shape.id, path, layer_case(shape, path, p, device),
-                      flops=shape.flops(path), nbytes=shape.bytes(path, itemsize))
-                rows[-1].update(layer=f"{shape.model}.{shape.layer}", rows=shape.rows,
+            for path in crossover_paths(shape, p, device):
+                if path == "fused" and device.type != "cuda":
+                    continue  # off a GPU the fused path is Triton's interpreter: not timed
+                timed("crossover", shape.id, path, crossover_case(shape, path, p, device),
+                      flops=shape.flops(path))
+                kind = " (conv)" if isinstance(shape, ConvShape) else ""
+                rows[-1].update(layer=f"{shape.model}.{shape.layer}{kind}", rows=shape.rows,
                                 n=shape.n, m=shape.m, rank=shape.rank, dispatch=dispatched)
     for model in models:
         if "regularizer" in groups:
@@ -112,14 +112,20 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
     return {"meta": meta, "ceilings": ceilings, "results": rows}
 
 
-def dispatch_path(shape: LayerShape, p: Preset, device: torch.device) -> str:
-    """The path `svdkern.ops.svd_linear` (backend auto) takes for this case on `device`
-    (the plan reads shapes, dtype and device only: expanded scalars allocate nothing)."""
+def dispatch_path(shape: LayerShape | ConvShape, p: Preset, device: torch.device) -> str:
+    """The path `svdkern.ops` (backend auto) takes for this case on `device` (the plan
+    reads shapes, dtype and device only: expanded scalars allocate nothing)."""
     def like(*size: int) -> torch.Tensor:
         return torch.empty((), device=device, dtype=p.dtype).expand(*size)
+    r = shape.rank
     with backend.use("auto"):
-        return ops.explain(like(shape.rows, shape.n), like(shape.m, shape.rank),
-                           like(shape.rank), like(shape.n, shape.rank)).path
+        if isinstance(shape, ConvShape):
+            spec = conv_spec(shape)
+            rows, cols = spec.matrix_shape
+            return ops.explain(like(shape.images, shape.channels, shape.side, shape.side),
+                               like(1, rows, r), like(1, r), like(1, cols, r), spec=spec).path
+        return ops.explain(like(shape.rows, shape.n), like(shape.m, r), like(r),
+                           like(shape.n, r)).path
 
 
 def _auto_backend(device: torch.device) -> str:
@@ -187,7 +193,7 @@ def markdown(report: dict) -> str:
     crossover = _by_case(rows, "crossover")
     if crossover:
         lines += ["## Dispatch crossovers (forward + backward of each path, forced)", "",
-                  "| layer | n x m | r | rows | chain | materialized | fused | fastest | "
+                  "| layer | n x m (GEMM view) | r | rows | chain | materialized | fused | fastest | "
                   "dispatch picks | dispatch / fastest |", "|---|---|---|---|---|---|---|---|---|---|"]
         for alts in crossover.values():
             first = next(iter(alts.values()))

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from .cases import (CROSSOVER_PATHS, LAYER_ALTERNATIVES, crossover_shapes, fused_can_run,
-                    layer_case, layer_shapes)
+from .cases import (LAYER_ALTERNATIVES, ConvShape, LayerShape, crossover_case, crossover_paths,
+                    crossover_shapes, layer_case, layer_shapes)
 from .config import preset_from_env
 
 SHAPES = layer_shapes(preset_from_env())
@@ -34,31 +34,40 @@ def test_layer_alternatives_agree(shape, preset, device):
 
 
 CROSSOVER = crossover_shapes(preset_from_env())
+LINEAR_CROSSOVER = [s for s in CROSSOVER if isinstance(s, LayerShape)]
+CONV_CROSSOVER = [s for s in CROSSOVER if isinstance(s, ConvShape)]
 
 
-@pytest.mark.parametrize("shape", CROSSOVER[:2] + CROSSOVER[-2:], ids=lambda s: s.id)
+@pytest.mark.parametrize("shape", LINEAR_CROSSOVER[:2] + LINEAR_CROSSOVER[-1:] +
+                         CONV_CROSSOVER[:2] + CONV_CROSSOVER[-1:], ids=lambda s: s.id)
 def test_crossover_paths_agree(shape, preset, device):
     """Each forced dispatch path (the fused kernel too, under the interpreter on CPU)
-    computes what the dense layer does, so the crossover sweep times like with like."""
-    paths = [p for p in CROSSOVER_PATHS if p != "fused" or fused_can_run(shape, preset, device)]
-    assert "chain" in paths and "materialized" in paths
+    computes the same output and input gradient, so the crossover sweep times like with
+    like; linear cases also match the dense layer."""
+    paths = crossover_paths(shape, preset, device)
+    assert {"chain", "materialized"} <= set(paths)
+    assert ("fused" in paths) == isinstance(shape, LayerShape)  # CPU: the interpreter
+    names = paths + (["dense"] if isinstance(shape, LayerShape) else [])
     results = {}
-    for alternative in ("dense", *paths):
-        torch.manual_seed(1)
-        results[alternative] = layer_case(shape, alternative, preset, device)()
-    y0, dx0 = results["dense"]
+    for name in names:
+        torch.manual_seed(1)  # the same weights and inputs for every path
+        results[name] = crossover_case(shape, name, preset, device)()
+    y0, dx0 = results["chain"]
     tol = 1e-4 if device.type == "cpu" else 5e-3
-    for alternative, (y, dx) in results.items():
-        torch.testing.assert_close(y, y0, rtol=tol, atol=tol, msg=alternative)
-        torch.testing.assert_close(dx, dx0, rtol=tol, atol=tol, msg=alternative)
+    for name, (y, dx) in results.items():
+        torch.testing.assert_close(y, y0, rtol=tol, atol=tol, msg=name)
+        torch.testing.assert_close(dx, dx0, rtol=tol, atol=tol, msg=name)
 
 
 def test_crossover_report_names_the_fastest_path_and_the_dispatch_choice(preset, device):
     from .report import markdown, run
     report = run(preset, device, ["crossover"], log=lambda _: None)
     rows = [r for r in report["results"] if r["group"] == "crossover"]
-    assert {(r["rows"], r["rank"]) for r in rows} == {(s.rows, s.rank) for s in CROSSOVER}
-    assert all(r["dispatch"] in CROSSOVER_PATHS and r["time_ms"] > 0 for r in rows)
+    assert {r["case"] for r in rows} == {s.id for s in CROSSOVER}
+    assert all(r["dispatch"] in ("chain", "materialized", "fused") and r["time_ms"] > 0
+               for r in rows)
     text = markdown(report)
-    table = [line for line in text.splitlines() if line.startswith("| gpt2.mlp.c_fc")]
-    assert len(table) == sum(s.model == "gpt2" for s in CROSSOVER)
+    for layer, shapes in (("| gpt2.mlp.c_fc |", LINEAR_CROSSOVER),
+                          ("| resnet50.layer1.conv2 3x3 (conv) |", CONV_CROSSOVER)):
+        table = [line for line in text.splitlines() if line.startswith(layer)]
+        assert len(table) == sum(f"{s.model}.{s.layer}" in layer for s in shapes)

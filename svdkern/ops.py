@@ -81,8 +81,8 @@ def _materialized_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor,
     return F.linear(x, reference.materialize(U, s, V), bias)
 
 
-# Each path `svd_linear` may take, by the name `explain` gives it (the benchmarks time them
-# one by one to measure the crossovers).
+# Each path `svd_linear` may take, by the name `explain` gives it (the benchmarks time the
+# paths one by one to measure the crossovers).
 LINEAR_PATHS = {"fused": fused.svd_linear, "materialized": _materialized_linear,
                 "chain": reference.svd_linear}
 
@@ -92,12 +92,14 @@ def svd_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None =
     return LINEAR_PATHS[_linear_plan(x, U, V)[0]](x, U, s, V, bias)
 
 
+# Each path `svd_conv2d` may take, by the name `explain` gives it.
+CONV_PATHS = {"materialized": reference.svd_conv2d_materialized, "chain": reference.svd_conv2d}
+
+
 def svd_conv2d(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
                spec: ConvSpec) -> Tensor:
     """Conv2d held as per-group factors `U` (g, rows, r), `s` (g, r), `V` (g, cols, r)."""
-    if _conv_plan(x, U, spec)[0] == "materialized":
-        return reference.svd_conv2d_materialized(x, U, s, V, bias, spec)
-    return reference.svd_conv2d(x, U, s, V, bias, spec)
+    return CONV_PATHS[_conv_plan(x, U, spec)[0]](x, U, s, V, bias, spec)
 
 
 def orthogonality_loss(mats: Sequence[Tensor]) -> Tensor:
