@@ -29,6 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from svdkern.kernels import COMPILE_OPTIONS  # noqa: E402
 from svdkern.kernels import orthogonality as O  # noqa: E402
 from svdkern.kernels import svd_linear as L  # noqa: E402
 
@@ -44,7 +45,8 @@ def compile_sm90(fn, signature: dict, constants: dict, cfg: triton.Config):
     constants = {**constants, **cfg.kwargs}
     signature = {**signature, **{k: "constexpr" for k in constants}}
     return triton.compile(ASTSource(fn, signature, constants), target=TARGET,
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                   **COMPILE_OPTIONS})
 
 
 def usage(kernel) -> dict:

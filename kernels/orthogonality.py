@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from svdkern.backend import dot_precision, interpreter_enabled
+from svdkern.kernels import COMPILE_OPTIONS
 
 TABLE_COLS = tl.constexpr(6)  # offset, rows, r, row stride, column stride, Gram offset
 
@@ -183,10 +184,10 @@ def gram_loss(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, 
     precision = dot_precision(flat.dtype, flat.device)
     if interpreter_enabled():
         grid = _grid(shapes, _INTERP_GRAM["BLOCK_R"], 0, True, cap)
-        _gram_loss_kernel[grid](*args, PRECISION=precision, **_INTERP_GRAM)
+        _gram_loss_kernel[grid](*args, PRECISION=precision, **_INTERP_GRAM, **COMPILE_OPTIONS)
     else:
         grid = lambda meta: _grid(shapes, meta["BLOCK_R"], 0, True, cap)  # noqa: E731
-        _gram_loss_tuned[grid](*args, PRECISION=precision)
+        _gram_loss_tuned[grid](*args, PRECISION=precision, **COMPILE_OPTIONS)
     return partials.sum(), gram
 
 
@@ -201,11 +202,11 @@ def grad(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, int],
     if interpreter_enabled():
         cfg = _INTERP_GRAD
         grid = _grid(shapes, cfg["BLOCK_M"], cfg["BLOCK_N"], False, cap)
-        _grad_kernel[grid](*args, PRECISION=precision, **cfg)
+        _grad_kernel[grid](*args, PRECISION=precision, **cfg, **COMPILE_OPTIONS)
     else:
         grid = lambda meta: _grid(  # noqa: E731
             shapes, meta["BLOCK_M"], meta["BLOCK_N"], False, cap)
-        _grad_tuned[grid](*args, PRECISION=precision)
+        _grad_tuned[grid](*args, PRECISION=precision, **COMPILE_OPTIONS)
     return out
 
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from svdkern.backend import interpreter_enabled
+from svdkern.kernels import COMPILE_OPTIONS
 
 _BLOCK = 256
 
@@ -64,5 +65,6 @@ def loss_and_grad(flat: torch.Tensor, offsets: torch.Tensor, num_segments: int, 
     cap = (4 if interpreter_enabled() or flat.device.type != "cuda"
            else 8 * torch.cuda.get_device_properties(flat.device).multi_processor_count)
     grid = (min(cap, num_segments),)
-    _sparsity_kernel[grid](flat, offsets, losses, grad, num_segments, HOYER=hoyer, BLOCK=_BLOCK)
+    _sparsity_kernel[grid](flat, offsets, losses, grad, num_segments, HOYER=hoyer, BLOCK=_BLOCK,
+                           **COMPILE_OPTIONS)
     return losses.sum(), grad

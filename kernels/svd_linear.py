@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from svdkern.backend import dot_precision, interpreter_enabled
+from svdkern.kernels import COMPILE_OPTIONS
 from svdkern.cost import MAX_FUSED_RANK
 
 _INTERPRET = interpreter_enabled()
@@ -229,7 +230,7 @@ def svd_linear_fwd(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.T
                       x.stride(0), x.stride(1), U.stride(0), U.stride(1), V.stride(0), V.stride(1),
                       y.stride(0), y.stride(1),
                       HAS_BIAS=bias is not None, R_PAD=_rank_pad(r),
-                      PRECISION=dot_precision(x.dtype, x.device))
+                      PRECISION=dot_precision(x.dtype, x.device), **COMPILE_OPTIONS)
     return y
 
 
@@ -262,7 +263,7 @@ def svd_linear_bwd_rows(dy: torch.Tensor, x: torch.Tensor, U: torch.Tensor, s: t
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), U.stride(0), U.stride(1),
             V.stride(0), V.stride(1),
             COMPUTE_DX=need_dx, COMPUTE_DB=need_db, R_PAD=r_pad, PRECISION=dot_precision(dt, dev),
-            BLOCK_B=block_b)
+            BLOCK_B=block_b, **COMPILE_OPTIONS)
     ds = ds_part.sum(0)[:r].to(s.dtype)
     db = db_part.sum(0).to(dt) if need_db else torch.empty(0, dtype=dt, device=dev)
     return dx, hs, gs, ds, db

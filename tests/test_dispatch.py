@@ -224,3 +224,26 @@ def test_tf32_follows_every_pytorch_switch():
     is IEEE only."""
     done = run_without_interpreter(TF32_SWITCHES)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+NO_TRITON_WARNINGS = """
+import warnings
+warnings.simplefilter("error")  # Triton 3.9 warns when a launch leaves FP fusion implicit
+import torch
+from svdkern import backend, ops
+x = torch.randn(70, 40, device="cuda", requires_grad=True)
+U, V = torch.randn(30, 8, device="cuda"), torch.randn(40, 8, device="cuda")
+s = torch.rand(8, device="cuda", requires_grad=True)
+with backend.use("triton"):
+    ops.svd_linear(x, U, s, V).sum().backward()
+    (ops.orthogonality_loss([U.requires_grad_(), V]) + ops.hoyer_loss([s])).backward()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles and launches on a GPU")
+def test_kernel_launches_raise_no_triton_warning():
+    """Every launch states its compile options (kernels.COMPILE_OPTIONS), so Triton has
+    nothing to warn about and results do not change with its defaults."""
+    done = run_without_interpreter(NO_TRITON_WARNINGS)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
