@@ -29,8 +29,7 @@ from torch import Tensor
 
 from svdkern import SVDConv2d, SVDRegularizer, backend, decompose, export, ops, reference, svd_layers
 from svdkern import cost as svd_cost
-from svdkern.cost import MAX_FUSED_RANK
-from svdkern.fused import FUSED_DTYPES
+from svdkern import fused
 from svdkern.pruning import apply_plan
 from svdkern.reference import ConvSpec
 
@@ -207,8 +206,7 @@ def crossover_paths(shape: LayerShape | ConvShape, p: Preset, device: torch.devi
 
 def fused_can_run(shape: LayerShape, p: Preset, device: torch.device) -> bool:
     """The fused path exists for this case: Triton on this device, rank and dtype in range."""
-    return (backend.triton_can_run(device) and shape.rank <= MAX_FUSED_RANK
-            and p.dtype in FUSED_DTYPES)
+    return backend.triton_can_run(device) and fused.fits(shape.rank, p.dtype)
 
 
 @functools.lru_cache(maxsize=None)

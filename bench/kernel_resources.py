@@ -14,31 +14,35 @@ the configs kept.
 """
 from __future__ import annotations
 
-import os
+import argparse
+import datetime
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # the config lists are the GPU ones only without it
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+from svdkern.backend import interpreter_enabled
+from svdkern.kernels import COMPILE_OPTIONS
+from svdkern.kernels import orthogonality as O
+from svdkern.kernels import svd_linear as L
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from svdkern.kernels import COMPILE_OPTIONS  # noqa: E402
-from svdkern.kernels import orthogonality as O  # noqa: E402
-from svdkern.kernels import svd_linear as L  # noqa: E402
+if interpreter_enabled():  # the kernels would hold the interpreter's single config
+    raise RuntimeError("bench.kernel_resources compiles for a GPU: run it without "
+                       "TRITON_INTERPRET")
 
 TARGET = GPUTarget("cuda", 90, 32)
 R_PADS = (16, 64, 128)
-FWD_INTS = ("B N_IN N_OUT R B_BUCKET stride_xb stride_xk stride_um stride_ur stride_vn stride_vr "
-            "stride_yb stride_ym").split()
-BWD_INTS = ("B N_IN N_OUT R stride_xb stride_xk stride_dyb stride_dym stride_um stride_ur "
-            "stride_vn stride_vr").split()
+
+
+def signature(fn, pointer: str, **types: str) -> dict:
+    """Every runtime argument of `fn`: the type `types` names, else `pointer` for a `*_ptr`
+    argument, else i32 (constexprs are added by `compile_sm90`)."""
+    return {p.name: types.get(p.name, pointer if p.name.endswith("_ptr") else "i32")
+            for p in fn.params if not p.is_constexpr}
 
 
 def compile_sm90(fn, signature: dict, constants: dict, cfg: triton.Config):
@@ -51,7 +55,9 @@ def compile_sm90(fn, signature: dict, constants: dict, cfg: triton.Config):
 
 def usage(kernel) -> dict:
     """REG and STACK (bytes per thread, spills) from cuobjdump; shared bytes from Triton."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    tool = (tool.cuobjdump.path if tool is not None else
+            Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -62,29 +68,23 @@ def usage(kernel) -> dict:
             "shared": kernel.metadata.shared}
 
 
-def _pointers(dtype: str, names: tuple[str, ...]) -> dict:
-    return {n: "*" + dtype for n in names}
-
-
 def compile_forward(dtype: str, r_pad: int, cfg: triton.Config, precision: str = "ieee",
                     has_bias: bool = True):
-    signature = {**_pointers(dtype, ("x_ptr", "u_ptr", "s_ptr", "v_ptr", "b_ptr", "y_ptr")),
-                 **{n: "i32" for n in FWD_INTS}}
-    return compile_sm90(L._fwd_kernel.fn, signature,
+    return compile_sm90(L._fwd_kernel.fn, signature(L._fwd_kernel.fn, "*" + dtype),
                         {"HAS_BIAS": has_bias, "R_PAD": r_pad, "PRECISION": precision}, cfg)
 
 
 def compile_backward(dtype: str, r_pad: int, cfg: triton.Config, precision: str = "ieee",
                      dx: bool = True, db: bool = True):
-    signature = {**_pointers(dtype, ("x_ptr", "dy_ptr", "u_ptr", "s_ptr", "v_ptr", "dx_ptr",
-                                     "hs_ptr", "gs_ptr")),
-                 "ds_part_ptr": "*fp32", "db_part_ptr": "*fp32", **{n: "i32" for n in BWD_INTS}}
-    return compile_sm90(L._bwd_rows_kernel.fn, signature,
+    fn = L._bwd_rows_kernel.fn
+    return compile_sm90(fn, signature(fn, "*" + dtype, ds_part_ptr="*fp32", db_part_ptr="*fp32"),
                         {"COMPUTE_DX": dx, "COMPUTE_DB": db, "R_PAD": r_pad,
                          "PRECISION": precision, "BLOCK_B": L._bwd_block_b(r_pad)}, cfg)
 
 
 def layer_rows(dtype: str) -> list[dict]:
+    if dtype == "fp64":
+        return []  # the fused layer kernels take fp32/fp16/bf16 only
     itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
     precision = "tf32" if dtype == "fp32" else "ieee"
     out = []
@@ -103,16 +103,14 @@ def layer_rows(dtype: str) -> list[dict]:
 
 
 def orthogonality_rows(dtype: str) -> list[dict]:
-    acc = "fp64" if dtype == "fp64" else "fp32"
-    precision = "tf32" if dtype == "fp32" else "ieee"
-    ints = {"num_mats": "i32", "max_rank": "i32", "max_rows": "i32"}
-    gram_sig = {"flat": "*" + dtype, "table": "*i64", "gram": "*" + acc, "partials": "*" + acc,
-                **ints}
-    grad_sig = {"flat": "*" + dtype, "table": "*i64", "gram": "*" + acc, "grad_out": "*" + acc,
-                "grad": "*" + dtype, **ints}
-    consts = {"PRECISION": precision}
+    acc, flat = ("*fp64" if dtype == "fp64" else "*fp32"), "*" + dtype
+    consts = {"PRECISION": "tf32" if dtype == "fp32" else "ieee"}
+    gram = O._gram_loss_kernel
+    gram_sig = signature(gram, "", flat=flat, table="*i64", gram=acc, partials=acc)
+    grad_sig = signature(O._grad_kernel, "", flat=flat, table="*i64", gram=acc, grad_out=acc,
+                         grad=flat)
     return ([_row("orthogonality Gram + loss", dtype, None, cfg,
-                  compile_sm90(O._gram_loss_kernel, gram_sig, consts, cfg))
+                  compile_sm90(gram, gram_sig, consts, cfg))
              for cfg in O._gram_loss_tuned.configs] +
             [_row("orthogonality gradient", dtype, None, cfg,
                   compile_sm90(O._grad_kernel, grad_sig, consts, cfg))
@@ -136,7 +134,8 @@ def table(results: list[dict]) -> str:
              f"values per thread a layer kernel keeps live (`register_footprint`); layer configs "
              f"above {budget} are pruned before autotuning (kept: no). stack = bytes per thread "
              f"spilled to local memory. The orthogonality kernels tune among every config "
-             f"listed.", "",
+             f"listed. Integer arguments are compiled unspecialized (a launch may specialize "
+             f"those divisible by 16), so a launch's register count can differ slightly.", "",
              "| kernel | dtype | R_PAD | blocks | warps | stages | footprint | kept | regs | "
              "stack | shared KiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -160,8 +159,8 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", nargs="+", choices=("bf16", "fp16", "fp32"),
-                        default=["bf16", "fp32"])
+    parser.add_argument("--dtypes", nargs="+", choices=("bf16", "fp16", "fp32", "fp64"),
+                        default=["bf16", "fp32"], help="fp64: orthogonality kernels only")
     parser.add_argument("--kernels", nargs="+", choices=("layers", "orthogonality"),
                         default=["layers", "orthogonality"])
     parser.add_argument("--out", type=Path, help="also write the markdown table here")

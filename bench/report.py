@@ -164,15 +164,18 @@ def _t(alts: dict, name: str) -> float | None:
 
 def markdown(report: dict) -> str:
     meta, ceil, rows = report["meta"], report["ceilings"], report["results"]
+    versus_svdkern = any(row["group"] != "crossover" for row in rows)
     lines = [
         f"# svdkern benchmarks: {meta['device']}, {meta['date_utc']} UTC", "",
         f"Command: `{meta['command']}` (preset `{meta['preset']}`, {meta['dtype']}; torch "
-        f"{meta['torch']}, triton {meta['triton']}). On this device `svdkern` (backend auto) "
-        f"runs the **{meta['svdkern_backend']}** path.",
+        f"{meta['torch']}, triton {meta['triton']})." + (
+            f" On this device `svdkern` (backend auto) runs the **{meta['svdkern_backend']}** "
+            "path." if versus_svdkern else ""),
         f"Ceilings measured in this run: copy {ceil['copy_gbps']:.1f} GB/s "
         f"({ceil['copy_bytes'] >> 20} MiB moved), matmul {ceil['matmul_tflops']:.3g} TFLOP/s "
-        f"({ceil['matmul_n']}^3, {ceil['matmul_dtype']}). Times are medians in ms; "
-        "`A/svdkern` = time of A / time of svdkern (above 1: svdkern faster).", ""]
+        f"({ceil['matmul_n']}^3, {ceil['matmul_dtype']}). Times are medians in ms" + (
+            "; `A/svdkern` = time of A / time of svdkern (above 1: svdkern faster)."
+            if versus_svdkern else "."), ""]
     layers = _by_case(rows, "layers")
     if layers:
         lines += ["## Layer forward + backward (`x (B, n) -> (B, m)` at rank r)", "",

@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sparsity weight (default 0.07 hoyer, 0.3 l1)")
         p.add_argument("--sparsity", choices=("hoyer", "l1"), default="hoyer")
         p.add_argument("--sparsity-start", type=int, default=0,
-                       help="svd: epochs of orthogonality-only training before the sparsity "
-                            "term is added (the paper's stage 1; default %(default)s)")
+                       help="epochs of orthogonality-only training before the sparsity term "
+                            "is added (the paper's stage 1; --method svd only; default "
+                            "%(default)s)")
         p.add_argument("--scheme", choices=("channel", "spatial"), default="channel")
         p.add_argument("--nuclear", type=float, default=3e-4, help="TRP nuclear-norm weight")
         p.add_argument("--trp-period", type=int, default=5, help="TRP: truncate every m steps")

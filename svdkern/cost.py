@@ -10,9 +10,9 @@ materialized: `dW`, `dx`, then `dU`, `dV` from `dW`), so the forward counts deci
 training and inference alike.
 
 The crossover is the FLOP count alone, with no measured constant folded in. On CPU
-(`python -m bench.report --only crossover`) it picked the fastest path for every linear case
-measured and for 17 of 24 conv cases (the others within 1.5x); no GPU crossover has been
-measured yet.
+(`python -m bench.report --only crossover`, one run) it picked the fastest path for every
+linear case measured (cases at the crossover can flip between runs) and for 17 of 24 conv
+cases (the others within 1.5x); no GPU crossover has been measured yet.
 """
 from __future__ import annotations
 

@@ -149,7 +149,8 @@ def batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator | 
 def _crop_flip(x: Tensor, generator: torch.Generator | None,
                black: tuple[float, ...] | None) -> Tensor:
     n, c, h, w = x.shape
-    fill = torch.tensor(black if black is not None else (0.0,) * c, dtype=x.dtype)
+    fill = torch.tensor(black if black is not None else (0.0,) * c, dtype=x.dtype,
+                        device=x.device)
     padded = fill.view(1, c, 1, 1).repeat(n, 1, h + 8, w + 8)
     padded[:, :, 4:4 + h, 4:4 + w] = x
     dy = torch.randint(0, 9, (n,), generator=generator).tolist()

@@ -15,7 +15,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .cost import MAX_FUSED_RANK
+
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fits(rank: int, dtype: torch.dtype) -> bool:
+    """Whether the fused kernel takes a layer of this rank and dtype (the rank is held on
+    chip, up to `MAX_FUSED_RANK`)."""
+    return rank <= MAX_FUSED_RANK and dtype in FUSED_DTYPES
 
 
 @torch.library.custom_op("svdkern::svd_linear_fwd", mutates_args=())

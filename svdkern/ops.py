@@ -48,7 +48,7 @@ def _linear_plan(x: Tensor, U: Tensor, V: Tensor) -> tuple[str, str, int, int]:
     if requested == "reference":
         return "chain", "SVDKERN_BACKEND=reference", chain, mat
     engine = backend.resolve(x.device)
-    fits = r <= cost.MAX_FUSED_RANK and x.dtype in fused.FUSED_DTYPES
+    fits = fused.fits(r, x.dtype)
     if requested == "triton" and fits:
         return "fused", "SVDKERN_BACKEND=triton", chain, mat
     if cost.cheaper(chain, mat) == "materialized":

@@ -228,9 +228,10 @@ def test_tf32_follows_every_pytorch_switch():
 
 NO_TRITON_WARNINGS = """
 import warnings
-warnings.simplefilter("error")  # Triton 3.9 warns when a launch leaves FP fusion implicit
 import torch
 from svdkern import backend, ops
+# Triton 3.9 warns when a launch leaves FP fusion implicit (3.6 never does)
+warnings.filterwarnings("error", category=UserWarning, module=r"triton\\.")
 x = torch.randn(70, 40, device="cuda", requires_grad=True)
 U, V = torch.randn(30, 8, device="cuda"), torch.randn(40, 8, device="cuda")
 s = torch.rand(8, device="cuda", requires_grad=True)
@@ -244,6 +245,7 @@ print("ok")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles and launches on a GPU")
 def test_kernel_launches_raise_no_triton_warning():
     """Every launch states its compile options (kernels.COMPILE_OPTIONS), so Triton has
-    nothing to warn about and results do not change with its defaults."""
+    nothing to warn about and results do not change with its defaults (what it checks shows
+    on Triton >= 3.9, which warns about an implicit FP-fusion default)."""
     done = run_without_interpreter(NO_TRITON_WARNINGS)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]

@@ -257,23 +257,37 @@ def test_int64_offsets_beyond_2_31_elements():
 
 def test_autotune_prefilter_keeps_configs_within_the_register_budget(monkeypatch):
     """Before tuning on a GPU, each kernel drops the block shapes whose live fp32 values per
-    thread exceed the budget (they spill: bench/results/sm90-kernel-resources-*.md), for this
-    call's rank and dtype, and always keeps at least two to choose from."""
+    thread exceed the budget for this call's rank and dtype (they spill:
+    bench/results/sm90-kernel-resources-*.md), keeps at least two for every rank and dtype
+    the kernels take, and keeps the smallest one should all exceed it."""
     from svdkern.kernels import svd_linear as L
     monkeypatch.setattr(L, "_INTERPRET", False)  # the GPU config lists and block rows
-    for kernel, configs, accumulators, kwargs_of in (
-            (L._fwd_kernel, L._fwd_configs(), 1, lambda r_pad: {"HAS_BIAS": True}),
-            (L._bwd_rows_kernel, L._bwd_configs(), 2,
-             lambda r_pad: {"BLOCK_B": L._bwd_block_b(r_pad), "COMPUTE_DX": True})):
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for r_pad in (16, 32, 64, 128):
-                kwargs = {"R_PAD": r_pad, "PRECISION": "ieee", **kwargs_of(r_pad)}
-                kept = kernel.early_config_prune(configs, {"x_ptr": torch.empty(0, dtype=dtype)},
-                                                 **kwargs)
-                block_b = lambda c: c.kwargs.get("BLOCK_B", kwargs.get("BLOCK_B"))  # noqa: E731
+
+    def kept(kernel, configs, dtype, r_pad, **kwargs):
+        return kernel.early_config_prune(configs, {"x_ptr": torch.empty(0, dtype=dtype)},
+                                         R_PAD=r_pad, PRECISION="ieee", **kwargs)
+
+    def shape(c):
+        return (c.kwargs.get("BLOCK_B"), c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps)
+
+    fwd, bwd = L._fwd_configs(), L._bwd_configs()
+    # bf16 at the on-chip cap: exactly the forward configs ptxas compiled without spilling
+    assert [shape(c) for c in kept(L._fwd_kernel, fwd, torch.bfloat16, 128)] == [
+        (32, 64, 64, 4), (16, 32, 64, 4), (32, 32, 64, 8), (64, 32, 64, 8)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for r_pad in (16, 32, 64, 128):
+            block_b = L._bwd_block_b(r_pad)
+            for kernel, configs, extra, accumulators in (
+                    (L._fwd_kernel, fwd, {"HAS_BIAS": True}, 1),
+                    (L._bwd_rows_kernel, bwd, {"BLOCK_B": block_b, "COMPUTE_DX": True}, 2)):
+                chosen = kept(kernel, configs, dtype, r_pad, **extra)
                 within = [c for c in configs if L.register_footprint(
-                    c, block_b(c), r_pad, dtype.itemsize, accumulators) <= L._REGISTER_BUDGET]
-                assert kept == within and len(kept) >= 2, (kernel, dtype, r_pad, len(kept))
+                    c, c.kwargs.get("BLOCK_B", block_b), r_pad, dtype.itemsize,
+                    accumulators) <= L._REGISTER_BUDGET]
+                assert chosen == within and len(chosen) >= 2, (dtype, r_pad, len(chosen))
+    # beyond any real rank every config is over budget: the smallest footprint remains
+    assert [shape(c) for c in kept(L._fwd_kernel, fwd, torch.float32, 4096)] == [
+        (16, 32, 64, 4)]
 
 
 LAYER_KERNELS_FOR_SM90 = """
@@ -305,6 +319,6 @@ print("compiled")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
 def test_layer_kernels_compile_for_gpu():
     """The forward and backward kernels compile for sm_90 in every dtype (fp32 IEEE and TF32,
-    fp16, bf16), with and without bias, dx and db, at a small rank and at the on-chip cap,
-    each with the first config the autotune prefilter keeps."""
+    fp16, bf16) with bias, dx and db on, bf16 also with them all off, at rank paddings 16
+    and 128 (bf16 and TF32), each with the first config the autotune prefilter keeps."""
     compile_for_sm90(LAYER_KERNELS_FOR_SM90)
