@@ -9,8 +9,10 @@ asking for it where it cannot run is an error.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 from typing import Iterator
 
 import torch
@@ -39,9 +41,36 @@ def use(name: str) -> Iterator[None]:
         _override.pop()
 
 
-# Looked up once at import: a plain constant (not an lru_cache) so torch.compile traces
+# Looked up once at import: plain constants (not an lru_cache) so torch.compile traces
 # `resolve()` without a warning.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _release(package: str) -> tuple[int, int] | None:
+    """(major, minor) of an installed package, or None when it is not installed."""
+    try:
+        found = re.match(r"(\d+)\.(\d+)", importlib.metadata.version(package))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def _interpreter_defect() -> str | None:
+    """Why Triton's interpreter cannot run our kernels with the installed packages, or None.
+
+    Triton < 3.7 turns loop bounds into 1-element arrays and calls `int()` on them, which
+    NumPy >= 2.4 refuses (triton-lang/triton#9171): every kernel with a runtime loop bound
+    fails with an opaque InterpreterError. torch 2.11 pins Triton 3.6, so this pair is common.
+    """
+    triton, numpy = _release("triton"), _release("numpy")
+    if triton is not None and numpy is not None and triton < (3, 7) and numpy >= (2, 4):
+        return (f"Triton {'.'.join(map(str, triton))}'s interpreter cannot run with NumPy "
+                f"{'.'.join(map(str, numpy))} (triton-lang/triton#9171, fixed in Triton 3.7): "
+                "install 'numpy<2.4' or triton>=3.7")
+    return None
+
+
+_INTERPRETER_DEFECT = _interpreter_defect()
 
 
 def triton_installed() -> bool:
@@ -71,11 +100,21 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "tf32" if tf32 else "ieee"
 
 
+def triton_blocker(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on tensors of `device` in this process, or None."""
+    if not triton_installed():
+        return "Triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type != "cpu" or not interpreter_enabled():
+        return (f"tensors are on {device.type} (use CUDA, or set TRITON_INTERPRET=1 before "
+                "importing svdkern to run the kernels on CPU)")
+    return _INTERPRETER_DEFECT
+
+
 def triton_can_run(device: torch.device) -> bool:
     """Whether Triton kernels can run on tensors of `device` in this process."""
-    if not triton_installed():
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+    return triton_blocker(device) is None
 
 
 def resolve(device: torch.device) -> str:
@@ -85,9 +124,7 @@ def resolve(device: torch.device) -> str:
         return "reference"
     if name == "auto":
         return "triton" if device.type == "cuda" and triton_installed() else "reference"
-    if not triton_can_run(device):
-        why = ("Triton is not installed" if not triton_installed() else
-               f"tensors are on {device.type} (use CUDA, or set TRITON_INTERPRET=1 before "
-               "importing svdkern to run the kernels on CPU)")
+    why = triton_blocker(device)
+    if why is not None:
         raise RuntimeError(f"SVDKERN_BACKEND=triton cannot run: {why}")
     return "triton"

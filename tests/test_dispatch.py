@@ -115,6 +115,31 @@ def test_triton_where_it_cannot_run_is_a_clear_error(monkeypatch):
         ops.svd_linear(x, U, s, V)
 
 
+@pytest.mark.parametrize("triton_release, numpy_release, broken", [
+    ((3, 6), (2, 4), True), ((3, 6), (3, 0), True), ((3, 7), (2, 4), False),
+    ((3, 6), (2, 3), False), (None, (2, 4), False)])
+def test_interpreter_defect_is_named_with_its_fix(monkeypatch, triton_release, numpy_release,
+                                                  broken):
+    """Triton < 3.7 with NumPy >= 2.4 cannot run the interpreter (triton-lang/triton#9171):
+    asking for Triton on CPU then says so and how to fix it, before any kernel runs."""
+    releases = {"triton": triton_release, "numpy": numpy_release}
+    monkeypatch.setattr(backend, "_release", releases.get)
+    defect = backend._interpreter_defect()
+    assert (defect is not None) == broken
+    if broken:
+        assert "numpy<2.4" in defect and "triton>=3.7" in defect
+        monkeypatch.setattr(backend, "_INTERPRETER_DEFECT", defect)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        x, U, s, V = factors(8, 8, 2, 3, dtype=torch.float32, device="cpu")
+        with backend.use("triton"), pytest.raises(RuntimeError, match="numpy<2.4"):
+            ops.svd_linear(x, U, s, V)
+
+
+def test_installed_release_is_read_from_package_metadata():
+    assert backend._release("torch") == tuple(int(p) for p in torch.__version__.split(".")[:2])
+    assert backend._release("no-such-package-svdkern") is None
+
+
 @pytest.mark.parametrize("name", ["auto", "triton", "reference"])
 def test_every_path_matches_the_reference_with_gradients(name):
     """Forward and gradients of whatever path runs, at full rank and large batch (so auto
