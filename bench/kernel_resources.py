@@ -89,12 +89,12 @@ def layer_rows(dtype: str) -> list[dict]:
     precision = "tf32" if dtype == "fp32" else "ieee"
     out = []
     for r_pad in R_PADS:
-        for cfg in L._fwd_configs():
+        for cfg in L.FWD_CONFIGS:
             out.append(_row("forward", dtype, r_pad, cfg,
                             compile_forward(dtype, r_pad, cfg, precision),
                             L.register_footprint(cfg, cfg.kwargs["BLOCK_B"], r_pad, itemsize, 1)))
         block_b = L._bwd_block_b(r_pad)
-        for cfg in L._bwd_configs():
+        for cfg in L.BWD_CONFIGS:
             out.append(_row("backward rows", dtype, r_pad, cfg,
                             compile_backward(dtype, r_pad, cfg, precision),
                             L.register_footprint(cfg, block_b, r_pad, itemsize, 2),
@@ -111,10 +111,10 @@ def orthogonality_rows(dtype: str) -> list[dict]:
                          grad=flat)
     return ([_row("orthogonality Gram + loss", dtype, None, cfg,
                   compile_sm90(gram, gram_sig, consts, cfg))
-             for cfg in O._gram_loss_tuned.configs] +
+             for cfg in O.GRAM_CONFIGS] +
             [_row("orthogonality gradient", dtype, None, cfg,
                   compile_sm90(O._grad_kernel, grad_sig, consts, cfg))
-             for cfg in O._grad_tuned.configs])
+             for cfg in O.GRAD_CONFIGS])
 
 
 def _row(kernel: str, dtype: str, r_pad: int | None, cfg: triton.Config, compiled,

@@ -30,10 +30,8 @@ from svdkern.kernels import COMPILE_OPTIONS
 
 TABLE_COLS = tl.constexpr(6)  # offset, rows, r, row stride, column stride, Gram offset
 
-# One fixed config under the interpreter (autotuning there is fragile and slow).
-_INTERP_GRAM = dict(BLOCK_R=32, BLOCK_K=32)
-_INTERP_GRAD = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
-_INTERP_PROGRAMS = 4
+_INTERPRET = interpreter_enabled()
+_INTERP_PROGRAMS = 4  # persistent-grid cap under the interpreter: small tests loop tiles
 
 
 @triton.jit
@@ -143,16 +141,20 @@ def _configs(names: tuple[str, ...], shapes: list[tuple[int, ...]]) -> list[trit
 # among shapes that ptxas does not spill for sm_90 in bf16 (fp32 at most 96 bytes per
 # thread): `python -m bench.kernel_resources` shows them; a 128-wide Gram tile, a 64 x 128
 # gradient tile, and 4 warps on 64-wide Gram or 128-row gradient tiles spilled 0.1-1.8 KB.
+# The interpreter runs one fixed config each; the tests run every GPU config through it.
+GRAM_CONFIGS = _configs(("BLOCK_R", "BLOCK_K"), [(32, 32, 4, 2), (32, 32, 8, 3), (64, 32, 8, 2),
+                                                 (64, 32, 8, 3), (64, 64, 8, 2)])
+GRAD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+                        [(32, 32, 32, 4, 2), (32, 32, 32, 8, 3), (64, 64, 32, 8, 2),
+                         (64, 64, 32, 8, 3), (128, 64, 32, 8, 2)])
+_FIXED_GRAM = _configs(("BLOCK_R", "BLOCK_K"), [(32, 32, 4, 1)])
+_FIXED_GRAD = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [(32, 32, 32, 4, 1)])
+
 _gram_loss_tuned = triton.autotune(
-    _configs(("BLOCK_R", "BLOCK_K"), [(32, 32, 4, 2), (32, 32, 8, 3), (64, 32, 8, 2),
-                                      (64, 32, 8, 3), (64, 64, 8, 2)]),
-    key=["num_mats", "max_rank", "max_rows"], reset_to_zero=["partials"],
-)(_gram_loss_kernel)
+    _FIXED_GRAM if _INTERPRET else GRAM_CONFIGS, key=["num_mats", "max_rank", "max_rows"],
+    reset_to_zero=["partials"])(_gram_loss_kernel)
 _grad_tuned = triton.autotune(
-    _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [(32, 32, 32, 4, 2), (32, 32, 32, 8, 3),
-                                                  (64, 64, 32, 8, 2), (64, 64, 32, 8, 3),
-                                                  (128, 64, 32, 8, 2)]),
-    key=["num_mats", "max_rank", "max_rows"],
+    _FIXED_GRAD if _INTERPRET else GRAD_CONFIGS, key=["num_mats", "max_rank", "max_rows"],
 )(_grad_kernel)
 
 
@@ -180,14 +182,9 @@ def gram_loss(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, 
     gram = torch.empty(gram_numel, dtype=acc_dtype, device=flat.device)
     cap = _max_programs(flat.device)
     partials = torch.zeros(cap, dtype=acc_dtype, device=flat.device)
-    args = (flat, table, gram, partials, len(shapes), *_tune_keys(shapes))
-    precision = dot_precision(flat.dtype, flat.device)
-    if interpreter_enabled():
-        grid = _grid(shapes, _INTERP_GRAM["BLOCK_R"], 0, True, cap)
-        _gram_loss_kernel[grid](*args, PRECISION=precision, **_INTERP_GRAM, **COMPILE_OPTIONS)
-    else:
-        grid = lambda meta: _grid(shapes, meta["BLOCK_R"], 0, True, cap)  # noqa: E731
-        _gram_loss_tuned[grid](*args, PRECISION=precision, **COMPILE_OPTIONS)
+    grid = lambda meta: _grid(shapes, meta["BLOCK_R"], 0, True, cap)  # noqa: E731
+    _gram_loss_tuned[grid](flat, table, gram, partials, len(shapes), *_tune_keys(shapes),
+                           PRECISION=dot_precision(flat.dtype, flat.device), **COMPILE_OPTIONS)
     return partials.sum(), gram
 
 
@@ -197,16 +194,9 @@ def grad(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, int],
     out = torch.empty_like(flat)
     cap = _max_programs(flat.device)
     upstream = grad_out.reshape(1).to(gram.dtype)
-    args = (flat, table, gram, upstream, out, len(shapes), *_tune_keys(shapes))
-    precision = dot_precision(flat.dtype, flat.device)
-    if interpreter_enabled():
-        cfg = _INTERP_GRAD
-        grid = _grid(shapes, cfg["BLOCK_M"], cfg["BLOCK_N"], False, cap)
-        _grad_kernel[grid](*args, PRECISION=precision, **cfg, **COMPILE_OPTIONS)
-    else:
-        grid = lambda meta: _grid(  # noqa: E731
-            shapes, meta["BLOCK_M"], meta["BLOCK_N"], False, cap)
-        _grad_tuned[grid](*args, PRECISION=precision, **COMPILE_OPTIONS)
+    grid = lambda meta: _grid(shapes, meta["BLOCK_M"], meta["BLOCK_N"], False, cap)  # noqa: E731
+    _grad_tuned[grid](flat, table, gram, upstream, out, len(shapes), *_tune_keys(shapes),
+                      PRECISION=dot_precision(flat.dtype, flat.device), **COMPILE_OPTIONS)
     return out
 
 

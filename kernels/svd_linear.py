@@ -31,7 +31,6 @@ from svdkern.kernels import COMPILE_OPTIONS
 from svdkern.cost import MAX_FUSED_RANK
 
 _INTERPRET = interpreter_enabled()
-_FIXED = triton.Config({"BLOCK_B": 32, "BLOCK_K": 32, "BLOCK_N": 32}, num_warps=4)
 # fp32 values one thread may hold live (`register_footprint`) before ptxas spills: compiling
 # every config for sm_90 (`python -m bench.kernel_resources`, bench/results/sm90-*), 33 of
 # the 36 (config, dtype, rank) cases above it spilled, up to 1.8 KB per thread; of the 60
@@ -39,23 +38,22 @@ _FIXED = triton.Config({"BLOCK_B": 32, "BLOCK_K": 32, "BLOCK_N": 32}, num_warps=
 _REGISTER_BUDGET = 72
 
 
-def _fwd_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [_FIXED]
-    return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bb, bk, bn, w, st in [(64, 64, 64, 4, 3), (64, 64, 128, 8, 3), (128, 32, 64, 8, 3),
-                                      (128, 64, 128, 8, 3), (32, 64, 64, 4, 4), (64, 32, 64, 4, 4),
-                                      (128, 64, 64, 4, 3), (16, 32, 64, 4, 3), (32, 32, 64, 8, 3),
-                                      (64, 32, 64, 8, 3)]]
-
-
-def _bwd_configs() -> list[triton.Config]:
-    """BLOCK_B is not tuned in the backward: it fixes the number of per-program partials."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_K": 32, "BLOCK_N": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bk, bn, w, st in [(32, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 3),
-                                  (64, 32, 8, 4), (32, 32, 8, 3)]]
+# Block shapes the GPU tunes among (the register prefilter below drops those that would spill
+# for the call's rank and dtype); the interpreter runs one fixed config per kernel. The tests
+# run every one of them through the interpreter against the reference.
+FWD_CONFIGS = [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w,
+                             num_stages=st)
+               for bb, bk, bn, w, st in [(64, 64, 64, 4, 3), (64, 64, 128, 8, 3),
+                                         (128, 32, 64, 8, 3), (128, 64, 128, 8, 3),
+                                         (32, 64, 64, 4, 4), (64, 32, 64, 4, 4),
+                                         (128, 64, 64, 4, 3), (16, 32, 64, 4, 3),
+                                         (32, 32, 64, 8, 3), (64, 32, 64, 8, 3)]]
+# BLOCK_B is not tuned in the backward: it fixes the number of per-program partials.
+BWD_CONFIGS = [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+               for bk, bn, w, st in [(32, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3),
+                                     (32, 64, 8, 3), (64, 32, 8, 4), (32, 32, 8, 3)]]
+_FIXED_FWD = triton.Config({"BLOCK_B": 32, "BLOCK_K": 32, "BLOCK_N": 32}, num_warps=4)
+_FIXED_BWD = triton.Config({"BLOCK_K": 32, "BLOCK_N": 32}, num_warps=4)
 
 
 def register_footprint(cfg: triton.Config, block_b: int, r_pad: int, itemsize: int,
@@ -104,7 +102,8 @@ def _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, s
     return h
 
 
-@triton.autotune(configs=_fwd_configs(), key=["B_BUCKET", "N_IN", "N_OUT", "R_PAD"],
+@triton.autotune(configs=[_FIXED_FWD] if _INTERPRET else FWD_CONFIGS,
+                 key=["B_BUCKET", "N_IN", "N_OUT", "R_PAD"],
                  prune_configs_by={"early_config_prune": _keep_in_registers(
                      lambda c, kw: c.kwargs["BLOCK_B"], 1)})
 @triton.jit
@@ -141,7 +140,8 @@ def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
                  y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_bwd_configs(), key=["N_IN", "N_OUT", "R_PAD"],
+@triton.autotune(configs=[_FIXED_BWD] if _INTERPRET else BWD_CONFIGS,
+                 key=["N_IN", "N_OUT", "R_PAD"],
                  prune_configs_by={"early_config_prune": _keep_in_registers(
                      lambda c, kw: kw["BLOCK_B"], 2)})
 @triton.jit

@@ -48,3 +48,9 @@ def compile_for_sm90(script: str) -> None:
     if "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("Triton's CUDA toolchain is not installed")
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def config_id(cfg) -> str:
+    """Test id of a Triton config: its block sizes, warps and stages."""
+    blocks = "-".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in cfg.kwargs.items())
+    return f"{blocks}-w{cfg.num_warps}-s{cfg.num_stages}"

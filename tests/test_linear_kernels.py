@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 
 from svdkern import fused, reference
 from svdkern.cost import MAX_FUSED_RANK
-from helpers import compile_for_sm90
+from helpers import compile_for_sm90, config_id
 
 triton = pytest.importorskip("triton")
+from svdkern.kernels import svd_linear as L  # noqa: E402  (needs Triton)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -143,6 +144,33 @@ def test_partial_gradients(trainable):
             assert t.grad is None
 
 
+# Shapes for the GPU block shapes: two row blocks of the largest BLOCK_B, two column tiles of
+# the widest BLOCK_N and a partial one of BLOCK_K, and the rank paddings 64, 128 (the cap), 16.
+CONFIG_SHAPES = [(133, 75, 141, 37), (20, 130, 45, MAX_FUSED_RANK), (70, 19, 33, 1)]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter; a GPU checks the configs it tunes to")
+@pytest.mark.parametrize("cfg", L.FWD_CONFIGS, ids=config_id)
+def test_every_forward_block_shape_matches_reference(monkeypatch, cfg):
+    """The autotuner may pick any of these on a GPU: each one, run alone through the
+    interpreter, computes the reference (masks, tiling, column groups)."""
+    monkeypatch.setattr(L._fwd_kernel, "configs", [cfg])
+    for B, n, m, r in CONFIG_SHAPES:
+        check_against_reference(*make_inputs(B, n, m, r, torch.float32), torch.float32)
+    assert L._fwd_kernel.best_config is cfg  # the launches really ran this config
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter; a GPU checks the configs it tunes to")
+@pytest.mark.parametrize("block_b", [32, 64])  # the rows per program the GPU uses
+@pytest.mark.parametrize("cfg", L.BWD_CONFIGS, ids=config_id)
+def test_every_backward_block_shape_matches_reference(monkeypatch, cfg, block_b):
+    monkeypatch.setattr(L._bwd_rows_kernel, "configs", [cfg])
+    monkeypatch.setattr(L, "_bwd_block_b", lambda r_pad: block_b)
+    for B, n, m, r in CONFIG_SHAPES:
+        check_against_reference(*make_inputs(B, n, m, r, torch.float32), torch.float32)
+    assert L._bwd_rows_kernel.best_config is cfg
+
+
 def test_backward_is_deterministic():
     """ds and db come from per-program partials summed once: bitwise reproducible."""
     x, U, s, V, b = (t.requires_grad_() for t in make_inputs(97, 33, 41, 10, torch.float32))
@@ -260,8 +288,7 @@ def test_autotune_prefilter_keeps_configs_within_the_register_budget(monkeypatch
     thread exceed the budget for this call's rank and dtype (they spill:
     bench/results/sm90-kernel-resources-*.md), keeps at least two for every rank and dtype
     the kernels take, and keeps the smallest one should all exceed it."""
-    from svdkern.kernels import svd_linear as L
-    monkeypatch.setattr(L, "_INTERPRET", False)  # the GPU config lists and block rows
+    monkeypatch.setattr(L, "_INTERPRET", False)  # the GPU backward block rows
 
     def kept(kernel, configs, dtype, r_pad, **kwargs):
         return kernel.early_config_prune(configs, {"x_ptr": torch.empty(0, dtype=dtype)},
@@ -270,7 +297,7 @@ def test_autotune_prefilter_keeps_configs_within_the_register_budget(monkeypatch
     def shape(c):
         return (c.kwargs.get("BLOCK_B"), c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps)
 
-    fwd, bwd = L._fwd_configs(), L._bwd_configs()
+    fwd, bwd = L.FWD_CONFIGS, L.BWD_CONFIGS
     # bf16 at the on-chip cap: exactly the forward configs ptxas compiled without spilling
     assert [shape(c) for c in kept(L._fwd_kernel, fwd, torch.bfloat16, 128)] == [
         (32, 64, 64, 4), (16, 32, 64, 4), (32, 32, 64, 8), (64, 32, 64, 8)]
@@ -300,8 +327,8 @@ def first_kept(kernel, configs, dtype, r_pad, **kwargs):
                                      R_PAD=r_pad, **kwargs)[0]
 
 def both(name, dtype, precision, r_pad, flag=True):
-    fwd = first_kept(L._fwd_kernel, L._fwd_configs(), dtype, r_pad)
-    bwd = first_kept(L._bwd_rows_kernel, L._bwd_configs(), dtype, r_pad,
+    fwd = first_kept(L._fwd_kernel, L.FWD_CONFIGS, dtype, r_pad)
+    bwd = first_kept(L._bwd_rows_kernel, L.BWD_CONFIGS, dtype, r_pad,
                      BLOCK_B=L._bwd_block_b(r_pad))
     compile_forward(name, r_pad, fwd, precision, has_bias=flag)
     compile_backward(name, r_pad, bwd, precision, dx=flag, db=flag)

@@ -7,12 +7,13 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from helpers import compile_for_sm90
+from helpers import compile_for_sm90, config_id
 
 import svdkern
 from svdkern import backend, ops, reference, regularizer_ops
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+from svdkern.kernels import orthogonality as O  # noqa: E402  (needs Triton)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -90,6 +91,26 @@ def test_random_shapes(shapes, lengths, seed):
                             rand_matrices(shapes, torch.float32, seed), torch.float32, "ortho")
     check_against_reference(ops.hoyer_loss, reference.hoyer_loss,
                             rand_vectors(lengths, torch.float32, seed), torch.float32, "hoyer")
+
+
+# For the GPU block shapes: a Gram of three 64-wide (five 32-wide) blocks, two row blocks of
+# the tallest gradient tile, rank 1, wide (rows < r), ranks off every block size.
+CONFIG_SHAPES = [(150, 70), (33, 1), (3, 17), (130, 130), (20, 20)]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter; a GPU checks the configs it tunes to")
+@pytest.mark.parametrize("kernel, cfg", [("_gram_loss_tuned", c) for c in O.GRAM_CONFIGS] +
+                         [("_grad_tuned", c) for c in O.GRAD_CONFIGS],
+                         ids=lambda v: config_id(v) if isinstance(v, triton.Config) else v)
+def test_every_orthogonality_block_shape_matches_reference(monkeypatch, kernel, cfg):
+    """The autotuner may pick any of these on a GPU: each one, run alone through the
+    interpreter, gives the reference loss and gradients."""
+    tuned = getattr(O, kernel)
+    monkeypatch.setattr(tuned, "configs", [cfg])
+    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+                            rand_matrices(CONFIG_SHAPES, torch.float32), torch.float32,
+                            config_id(cfg))
+    assert tuned.best_config is cfg  # the launch really ran this config
 
 
 def test_orthogonality_exact_for_orthonormal():
@@ -292,7 +313,7 @@ import triton
 from bench.kernel_resources import compile_sm90
 from svdkern.kernels import orthogonality as O, sparsity as S
 ints = dict(num_mats="i32", max_rank="i32", max_rows="i32")
-gram_cfg, grad_cfg = O._gram_loss_tuned.configs[-1], O._grad_tuned.configs[-1]  # largest tiles
+gram_cfg, grad_cfg = O.GRAM_CONFIGS[-1], O.GRAD_CONFIGS[-1]  # largest tiles
 sparsity_cfg = triton.Config({"BLOCK": S._BLOCK}, num_warps=4)
 for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee"),
                  ("fp64", "ieee")):
