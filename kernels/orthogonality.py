@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from svdkern.backend import dot_precision, interpreter_enabled
-from svdkern.kernels import COMPILE_OPTIONS
+from svdkern.kernels import COMPILE_OPTIONS, tuning_choices
 
 TABLE_COLS = tl.constexpr(6)  # offset, rows, r, row stride, column stride, Gram offset
 
@@ -150,12 +150,11 @@ GRAD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"),
 _FIXED_GRAM = _configs(("BLOCK_R", "BLOCK_K"), [(32, 32, 4, 1)])
 _FIXED_GRAD = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [(32, 32, 32, 4, 1)])
 
-_gram_loss_tuned = triton.autotune(
-    _FIXED_GRAM if _INTERPRET else GRAM_CONFIGS, key=["num_mats", "max_rank", "max_rows"],
-    reset_to_zero=["partials"])(_gram_loss_kernel)
-_grad_tuned = triton.autotune(
-    _FIXED_GRAD if _INTERPRET else GRAD_CONFIGS, key=["num_mats", "max_rank", "max_rows"],
-)(_grad_kernel)
+_TUNING = dict(key=["num_mats", "max_rank", "max_rows"], prune_configs_by={
+    "early_config_prune": lambda configs, named_args, **kwargs: tuning_choices(configs)})
+_gram_loss_tuned = triton.autotune(_FIXED_GRAM if _INTERPRET else GRAM_CONFIGS,
+                                   reset_to_zero=["partials"], **_TUNING)(_gram_loss_kernel)
+_grad_tuned = triton.autotune(_FIXED_GRAD if _INTERPRET else GRAD_CONFIGS, **_TUNING)(_grad_kernel)
 
 
 def _grid(shapes: tuple[tuple[int, int], ...], block_a: int, block_b: int, gram: bool,

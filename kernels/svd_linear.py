@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from svdkern.backend import dot_precision, interpreter_enabled
-from svdkern.kernels import COMPILE_OPTIONS
+from svdkern.kernels import COMPILE_OPTIONS, tuning_choices
 from svdkern.cost import MAX_FUSED_RANK
 
 _INTERPRET = interpreter_enabled()
@@ -68,13 +68,14 @@ def register_footprint(cfg: triton.Config, block_b: int, r_pad: int, itemsize: i
 def _keep_in_registers(block_b_of, rank_accumulators: int):
     """Autotuner pre-filter: drop the configs whose footprint exceeds the register budget for
     this call's rank and dtype (tuning them costs compile time and they spill). Should every
-    config exceed it, the smallest footprint is kept: the autotuner needs one."""
+    config exceed it, the smallest footprint is kept: the autotuner needs one. With tuning
+    off, the first kept config alone."""
     def prune(configs, named_args, **kwargs):
         r_pad, itemsize = kwargs["R_PAD"], named_args["x_ptr"].element_size()
         footprint = {id(c): register_footprint(c, block_b_of(c, kwargs), r_pad, itemsize,
                                                 rank_accumulators) for c in configs}
         kept = [c for c in configs if footprint[id(c)] <= _REGISTER_BUDGET]
-        return kept or [min(configs, key=lambda c: footprint[id(c)])]
+        return tuning_choices(kept or [min(configs, key=lambda c: footprint[id(c)])])
     return prune
 
 

@@ -81,6 +81,17 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotune_enabled() -> bool:
+    """Whether the GPU kernels pick their block shapes by timing (the default). Off with
+    SVDKERN_AUTOTUNE=0 or under `torch.use_deterministic_algorithms(True)`: each kernel then
+    runs the first config of its list that suits the call, so runs repeat bitwise (a choice by
+    timing can differ between runs, and with it the summation order) and no time goes to
+    tuning. Read when a kernel first meets a shape."""
+    if os.environ.get("SVDKERN_AUTOTUNE", "1") == "0":
+        return False
+    return not torch.are_deterministic_algorithms_enabled()
+
+
 def tf32_allowed() -> bool:
     """Whether PyTorch lets fp32 matmuls round their inputs to TF32 (as `nn.Linear` then
     does). Read through `torch.backends.cuda.matmul.fp32_precision`, which also reflects the

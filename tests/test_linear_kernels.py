@@ -256,8 +256,10 @@ def test_tf32_follows_torch_matmul_precision(monkeypatch):
 @cuda_only
 @pytest.mark.parametrize("B,n,m,r", [(4096, 1024, 1024, 16), (4097, 1000, 4000, 100),
                                      (8, 64, 64, 1)])
-def test_autotuned_configs_match_reference(B, n, m, r):
-    """Every shape key tunes anew: the chosen config must still be correct."""
+def test_autotuned_configs_match_reference(monkeypatch, B, n, m, r):
+    """The test session runs untuned (conftest); here every shape key tunes anew and the
+    chosen config must still be correct."""
+    monkeypatch.setenv("SVDKERN_AUTOTUNE", "1")
     check_against_reference(*make_inputs(B, n, m, r, torch.float16), torch.float16)
 
 
@@ -315,6 +317,34 @@ def test_autotune_prefilter_keeps_configs_within_the_register_budget(monkeypatch
     # beyond any real rank every config is over budget: the smallest footprint remains
     assert [shape(c) for c in kept(L._fwd_kernel, fwd, torch.float32, 4096)] == [
         (16, 32, 64, 4)]
+
+
+@pytest.mark.parametrize("switch", ["SVDKERN_AUTOTUNE=0", "deterministic algorithms"])
+def test_untuned_kernels_take_the_first_fitting_config(monkeypatch, switch):
+    """With tuning off, nothing is chosen by timing: each kernel keeps only the first config
+    of its list that the register prefilter keeps for the call (runs repeat bitwise)."""
+    from svdkern.kernels import orthogonality as O
+    monkeypatch.setattr(L, "_INTERPRET", False)  # the GPU backward block rows
+    calls = [(L._fwd_kernel, L.FWD_CONFIGS, dict(HAS_BIAS=True)),
+             (L._bwd_rows_kernel, L.BWD_CONFIGS, dict(BLOCK_B=32, COMPUTE_DX=True)),
+             (O._gram_loss_tuned, O.GRAM_CONFIGS, {}), (O._grad_tuned, O.GRAD_CONFIGS, {})]
+    named = {"x_ptr": torch.empty(0, dtype=torch.float32)}
+
+    def kept():
+        return [kernel.early_config_prune(configs, named, R_PAD=r_pad, PRECISION="ieee", **kw)
+                for kernel, configs, kw in calls for r_pad in (16, 128)]
+    tuned = kept()
+    assert all(len(choices) >= 2 for choices in tuned)
+    if switch == "SVDKERN_AUTOTUNE=0":
+        monkeypatch.setenv("SVDKERN_AUTOTUNE", "0")
+        untuned = kept()
+    else:
+        torch.use_deterministic_algorithms(True)
+        try:
+            untuned = kept()
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert untuned == [choices[:1] for choices in tuned]
 
 
 LAYER_KERNELS_FOR_SM90 = """

@@ -295,6 +295,16 @@ def test_bf16_on_gpu():
 
 
 @cuda_only
+def test_autotuned_configs_match_reference(monkeypatch):
+    """The test session runs untuned (conftest); here the tuner times every config and the
+    one it keeps must still be correct."""
+    monkeypatch.setenv("SVDKERN_AUTOTUNE", "1")
+    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+                            rand_matrices([(2304, 256), (512, 512), (3072, 48), (5, 1)],
+                                          torch.float32), torch.float32, "tuned")
+
+
+@cuda_only
 def test_tf32_on_gpu(monkeypatch):
     """TF32 where PyTorch allows it: within 1e-3, and really TF32 (the loss changes)."""
     mats = rand_matrices(SHAPES + [(1000, 600)], torch.float32)
