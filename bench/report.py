@@ -3,9 +3,11 @@ write `bench/results/<device>-<date>.json` (every measurement) and `.md` (the ta
 
     python -m bench.report                      # every group, preset gpu on CUDA else cpu
     python -m bench.report --preset cpu --only layers regularizer --models gpt2
+    python -m bench.report --only layers --cases 'gpt2.*' '*-r48'   # a subset of the cases
 
-A subset run (`--only`, `--models`) names its files after the subset, so runs split to fit a
-time limit never overwrite each other; each file holds the ceilings of its own run.
+A subset run (`--only`, `--models`, `--cases`) names its files after the subset, so runs split
+to fit a time limit never overwrite each other; each file holds the ceilings of its own run.
+Both files are rewritten after every measurement, so a run cut short keeps what it timed.
 
 Times are medians (CUDA events via triton.testing.do_bench on GPU, perf_counter on CPU).
 The roofline ceilings (copy bandwidth, matrix rate) are measured at the start of the same
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import json
 import platform
 import re
@@ -59,24 +62,35 @@ def record(group: str, case: str, alternative: str, ms: float, ceilings: dict,
 
 
 def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, ...] = MODELS,
-        log=print) -> dict:
+        log=print, cases: list[str] | None = None, on_row=None) -> dict:
+    """Time every selected case against its alternatives. `cases`: glob patterns on the
+    layer and crossover case ids (None: all). `on_row(report)` is called after each
+    measurement with the report so far, so a run cut short still leaves its rows."""
+    meta = _meta(p, device)
     ceilings = measure_ceilings(device, p.dtype, max(p.min_time_s, 0.2))
     log(f"ceilings: {ceilings}")
     rows: list[dict] = []
+    report = {"meta": meta, "ceilings": ceilings, "results": rows}
 
     def timed(group, case, alternative, fn, **work):
         rows.append(record(group, case, alternative, median_ms(fn, device, p.min_time_s),
                            ceilings, **work))
         log(f"{group:12s} {case:55s} {alternative:20s} {rows[-1]['time_ms']:10.4f} ms")
+        if on_row is not None:
+            on_row(report)
+
+    def selected(shapes):
+        return [s for s in shapes
+                if cases is None or any(fnmatch.fnmatchcase(s.id, pat) for pat in cases)]
 
     itemsize = torch.empty((), dtype=p.dtype).element_size()
     if "layers" in groups:
-        for shape in layer_shapes(p):
+        for shape in selected(layer_shapes(p)):
             for alt in LAYER_ALTERNATIVES:
                 timed("layers", shape.id, alt, layer_case(shape, alt, p, device),
                       flops=shape.flops(alt), nbytes=shape.bytes(alt, itemsize))
     if "crossover" in groups:
-        for shape in crossover_shapes(p):
+        for shape in selected(crossover_shapes(p)):
             dispatched = dispatch_path(shape, p, device)
             for path in crossover_paths(shape, p, device):
                 if path == "fused" and device.type != "cuda":
@@ -98,7 +112,12 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
         if "inference" in groups:
             for alt in INFERENCE_ALTERNATIVES:
                 timed("inference", model, alt, inference_case(model, alt, p, device))
-    meta = {
+    return report
+
+
+def _meta(p: Preset, device: torch.device) -> dict:
+    """What ran, where and when (the start of the run)."""
+    return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"CPU ({platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()})",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
@@ -109,7 +128,6 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
         "svdkern_backend": _auto_backend(device),
         "command": "python -m " + " ".join(["bench.report", *sys.argv[1:]]),
     }
-    return {"meta": meta, "ceilings": ceilings, "results": rows}
 
 
 def dispatch_path(shape: LayerShape | ConvShape, p: Preset, device: torch.device) -> str:
@@ -183,7 +201,9 @@ def markdown(report: dict) -> str:
                   "| floor | % of floor | dense/svdkern | eager/svdkern | compiled/svdkern |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for case, alts in layers.items():
-            k = alts["svdkern"]
+            k = alts.get("svdkern")
+            if k is None:
+                continue  # a run cut short before svdkern was timed (its JSON has the rest)
             lines.append(
                 f"| {case} | {_ms(_t(alts, 'dense'))} | {_ms(_t(alts, 'eager reference'))} | "
                 f"{_ms(_t(alts, 'compiled reference'))} | {_ms(k['time_ms'])} | "
@@ -217,7 +237,9 @@ def markdown(report: dict) -> str:
                   "| eager/svdkern | compiled/svdkern | share of svdkern training step |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for case, alts in reg.items():
-            k = alts["svdkern"]
+            k = alts.get("svdkern")
+            if k is None:
+                continue
             step = _t(steps.get(case.split(" ")[0], {}), "svdkern")
             share = "-" if step is None else f"{100 * k['time_ms'] / step:.1f}%"
             lines.append(f"| {case} | {_ms(_t(alts, 'eager loop'))} | "
@@ -257,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS))
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                         help="stacks of the whole-model groups")
+    parser.add_argument("--cases", nargs="+", metavar="GLOB",
+                        help="layer and crossover cases whose id matches one of these globs "
+                             "(default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     args = parser.parse_args(argv)
@@ -264,16 +289,21 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = default_device()
     p = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
-    report = run(p, device, args.only, args.models, log=lambda s: print(s, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     model_groups = any(g in args.only for g in MODEL_GROUPS)
     subset = ([g for g in GROUPS if g in args.only] +
               [m for m in MODELS if m in args.models and model_groups])
     suffix = "" if len(subset) == len(GROUPS) + len(MODELS) else "-" + "-".join(subset)
+    if args.cases:
+        suffix += "-" + "-".join(re.sub(r"[^A-Za-z0-9]+", "_", c).strip("_") for c in args.cases)
     stem = args.out / f"{device_slug(device)}-{today}{suffix}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    stem.with_suffix(".md").write_text(markdown(report))
+
+    def write(report: dict) -> None:  # after every row: a run cut short keeps what it timed
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        stem.with_suffix(".md").write_text(markdown(report))
+    write(run(p, device, args.only, args.models, log=lambda s: print(s, flush=True),
+              cases=args.cases, on_row=write))
     print(f"wrote {stem}.json and {stem}.md")
 
 

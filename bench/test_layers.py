@@ -71,3 +71,20 @@ def test_crossover_report_names_the_fastest_path_and_the_dispatch_choice(preset,
                           ("| resnet50.layer1.conv2 3x3 (conv) |", CONV_CROSSOVER)):
         table = [line for line in text.splitlines() if line.startswith(layer)]
         assert len(table) == sum(f"{s.model}.{s.layer}" in layer for s in shapes)
+
+
+def test_report_selects_cases_and_hands_over_every_row(preset, device):
+    """`--cases` globs pick layer cases by id; `on_row` sees the report grow one row at a
+    time (the script rewrites its files there), and the markdown of a report cut short
+    before svdkern was timed leaves that case out instead of failing."""
+    from .report import markdown, run
+    wanted = [SHAPES[-1].id]
+    seen = []
+    report = run(preset, device, ["layers"], log=lambda _: None, cases=wanted,
+                 on_row=lambda rep: seen.append(len(rep["results"])))
+    assert {r["case"] for r in report["results"]} == set(wanted)
+    assert seen == list(range(1, len(LAYER_ALTERNATIVES) + 1))
+    assert f"| {wanted[0]} |" in markdown(report)
+    assert LAYER_ALTERNATIVES[-1] == "svdkern"
+    cut = dict(report, results=report["results"][:-1])  # cut short before svdkern ran
+    assert f"| {wanted[0]} |" not in markdown(cut)
