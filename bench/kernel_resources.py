@@ -9,26 +9,38 @@ re-run it after changing a kernel:
 
     python -m bench.kernel_resources [--dtypes bf16 fp32] [--out bench/results/FILE.md]
 
+Each kernel is compiled exactly as a launch would compile it: the real launcher runs on CPU
+tensors of a representative call with the kernel swapped for a recorder, and Triton's own
+binder specializes the recorded arguments (16-byte aligned pointers, unit strides as
+constants, sizes divisible by 16). Compiling with every integer left unspecialized instead
+gives a different program: runtime unit strides make every address a 64-bit multiply-add,
+and the register counts roughly double. The layer kernels are compiled for a rank equal to
+`R_PAD` (factor strides divisible by 16) and for `R_PAD - 1` (not).
+
 It measures the compiler's output, not speed: the autotuner on a GPU still picks among
 the configs kept.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import re
 import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from svdkern.backend import interpreter_enabled
-from svdkern.kernels import COMPILE_OPTIONS
 from svdkern.kernels import orthogonality as O
+from svdkern.kernels import sparsity as S
 from svdkern.kernels import svd_linear as L
+from svdkern.regularizer_ops import matrix_table, pack_matrices, segment_offsets
 
 if interpreter_enabled():  # the kernels would hold the interpreter's single config
     raise RuntimeError("bench.kernel_resources compiles for a GPU: run it without "
@@ -36,21 +48,50 @@ if interpreter_enabled():  # the kernels would hold the interpreter's single con
 
 TARGET = GPUTarget("cuda", 90, 32)
 R_PADS = (16, 64, 128)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "fp64": torch.float64}
+# The representative layer call: GEMM rows, in and out features (GPT-2 MLP, 4096 tokens).
+LAYER_CALL = (4096, 768, 3072)
 
 
-def signature(fn, pointer: str, **types: str) -> dict:
-    """Every runtime argument of `fn`: the type `types` names, else `pointer` for a `*_ptr`
-    argument, else i32 (constexprs are added by `compile_sm90`)."""
-    return {p.name: types.get(p.name, pointer if p.name.endswith("_ptr") else "i32")
-            for p in fn.params if not p.is_constexpr}
+class _Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the launch."""
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
 
 
-def compile_sm90(fn, signature: dict, constants: dict, cfg: triton.Config):
-    constants = {**constants, **cfg.kwargs}
-    signature = {**signature, **{k: "constexpr" for k in constants}}
-    return triton.compile(ASTSource(fn, signature, constants), target=TARGET,
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                                   **COMPILE_OPTIONS})
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    """`module.name` is `value` while the block runs (yields `value`)."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield value
+    finally:
+        setattr(module, name, original)
+
+
+def compile_launch(kernel, recorder: _Recorder, cfg: triton.Config | None = None, **overrides):
+    """Compile `kernel` (a JITFunction or an autotuner around one) for sm_90 with the
+    recorded launch's arguments, specialized by Triton's binder as a launch would, under
+    `cfg`'s block sizes, warps and stages; `overrides` replace recorded constexprs."""
+    fn = kernel
+    while not isinstance(fn, JITFunction):  # autotuners (and heuristics) wrap the JITFunction
+        fn = fn.fn
+    kwargs = {**recorder.kwargs, **overrides}
+    if cfg is not None:
+        kwargs.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*recorder.args, **kwargs)
+    options, signature, constants, attrs = fn._pack_args(backend, kwargs, bound,
+                                                        specialization, options)
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=TARGET,
+                          options=options.__dict__)
 
 
 def usage(kernel) -> dict:
@@ -68,86 +109,142 @@ def usage(kernel) -> dict:
             "shared": kernel.metadata.shared}
 
 
+def _layer_operands(dtype: str, rank: int) -> tuple[torch.Tensor, ...]:
+    B, n, m = LAYER_CALL
+    dt = DTYPES[dtype]
+    return (torch.empty(B, n, dtype=dt), torch.empty(m, rank, dtype=dt),
+            torch.empty(rank, dtype=dt), torch.empty(n, rank, dtype=dt))
+
+
 def compile_forward(dtype: str, r_pad: int, cfg: triton.Config, precision: str = "ieee",
-                    has_bias: bool = True):
-    return compile_sm90(L._fwd_kernel.fn, signature(L._fwd_kernel.fn, "*" + dtype),
-                        {"HAS_BIAS": has_bias, "R_PAD": r_pad, "PRECISION": precision}, cfg)
+                    has_bias: bool = True, rank: int | None = None):
+    """The forward kernel as `svd_linear_fwd` launches it on the representative call at
+    `rank` (default `r_pad`)."""
+    x, U, s, V = _layer_operands(dtype, rank or r_pad)
+    bias = torch.empty(U.shape[0], dtype=x.dtype) if has_bias else None
+    with _patched(L, "_fwd_kernel", _Recorder()) as rec, \
+            _patched(L, "_target_programs", lambda device: 264):
+        L.svd_linear_fwd(x, U, s, V, bias)
+    return compile_launch(L._fwd_kernel, rec, cfg, PRECISION=precision)
 
 
 def compile_backward(dtype: str, r_pad: int, cfg: triton.Config, precision: str = "ieee",
-                     dx: bool = True, db: bool = True):
-    fn = L._bwd_rows_kernel.fn
-    return compile_sm90(fn, signature(fn, "*" + dtype, ds_part_ptr="*fp32", db_part_ptr="*fp32"),
-                        {"COMPUTE_DX": dx, "COMPUTE_DB": db, "R_PAD": r_pad,
-                         "PRECISION": precision, "BLOCK_B": L._bwd_block_b(r_pad)}, cfg)
+                     dx: bool = True, db: bool = True, rank: int | None = None):
+    """The backward row-block kernel as `svd_linear_bwd_rows` launches it."""
+    x, U, s, V = _layer_operands(dtype, rank or r_pad)
+    dy = torch.empty(x.shape[0], U.shape[0], dtype=x.dtype)
+    with _patched(L, "_bwd_rows_kernel", _Recorder()) as rec:
+        L.svd_linear_bwd_rows(dy, x, U, s, V, dx, db)
+    return compile_launch(L._bwd_rows_kernel, rec, cfg, PRECISION=precision)
+
+
+def _regularizer_operands(dtype: str):
+    """Factors of mixed shapes (tall, square, rank 1) packed as the regularizer packs them."""
+    mats = [torch.empty(rows, r, dtype=DTYPES[dtype]) for rows, r in ((2304, 256), (512, 512),
+                                                                      (3072, 48), (5, 1))]
+    flat, key = pack_matrices(mats)
+    table, gram_numel = matrix_table(key, flat.device)
+    return flat, table, tuple((rows, r) for rows, r, _ in key), gram_numel
+
+
+def compile_gram(dtype: str, cfg: triton.Config, precision: str = "ieee"):
+    """The Gram + loss kernel as `orthogonality.gram_loss` launches it."""
+    flat, table, shapes, gram_numel = _regularizer_operands(dtype)
+    acc = torch.float64 if dtype == "fp64" else torch.float32
+    with _patched(O, "_gram_loss_tuned", _Recorder()) as rec:
+        O.gram_loss(flat, table, shapes, gram_numel, acc)
+    return compile_launch(O._gram_loss_tuned, rec, cfg, PRECISION=precision)
+
+
+def compile_grad(dtype: str, cfg: triton.Config, precision: str = "ieee"):
+    """The gradient kernel as `orthogonality.grad` launches it."""
+    flat, table, shapes, gram_numel = _regularizer_operands(dtype)
+    acc = torch.float64 if dtype == "fp64" else torch.float32
+    with _patched(O, "_grad_tuned", _Recorder()) as rec:
+        O.grad(flat, table, shapes, torch.empty(gram_numel, dtype=acc), torch.ones((), dtype=acc))
+    return compile_launch(O._grad_tuned, rec, cfg, PRECISION=precision)
+
+
+def compile_sparsity(dtype: str, hoyer: bool):
+    """The segmented L1 / Hoyer kernel as `sparsity.loss_and_grad` launches it."""
+    lengths = (256, 48, 1, 300)
+    flat = torch.empty(sum(lengths), dtype=DTYPES[dtype])
+    acc = torch.float64 if dtype == "fp64" else torch.float32
+    with _patched(S, "_sparsity_kernel", _Recorder()) as rec:
+        S.loss_and_grad(flat, segment_offsets(lengths, flat.device), len(lengths), hoyer, acc)
+    return compile_launch(S._sparsity_kernel, rec)
 
 
 def layer_rows(dtype: str) -> list[dict]:
+    """Every layer-kernel config at each rank padding, compiled at ranks R_PAD and R_PAD - 1."""
     if dtype == "fp64":
         return []  # the fused layer kernels take fp32/fp16/bf16 only
-    itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
+    itemsize = DTYPES[dtype].itemsize
     precision = "tf32" if dtype == "fp32" else "ieee"
     out = []
     for r_pad in R_PADS:
-        for cfg in L.FWD_CONFIGS:
-            out.append(_row("forward", dtype, r_pad, cfg,
-                            compile_forward(dtype, r_pad, cfg, precision),
-                            L.register_footprint(cfg, cfg.kwargs["BLOCK_B"], r_pad, itemsize, 1)))
         block_b = L._bwd_block_b(r_pad)
-        for cfg in L.BWD_CONFIGS:
-            out.append(_row("backward rows", dtype, r_pad, cfg,
-                            compile_backward(dtype, r_pad, cfg, precision),
-                            L.register_footprint(cfg, block_b, r_pad, itemsize, 2),
-                            BLOCK_B=block_b))
+        for kernel, configs, build, accumulators in (
+                ("forward", L.FWD_CONFIGS, compile_forward, 1),
+                ("backward rows", L.BWD_CONFIGS, compile_backward, 2)):
+            for cfg in configs:
+                fixed = {} if "BLOCK_B" in cfg.kwargs else {"BLOCK_B": block_b}
+                usages = [usage(build(dtype, r_pad, cfg, precision, rank=rank))
+                          for rank in (r_pad, r_pad - 1)]
+                footprint = L.register_footprint(cfg, cfg.kwargs.get("BLOCK_B", block_b),
+                                                 r_pad, itemsize, accumulators)
+                out.append(_row(kernel, dtype, r_pad, cfg, usages, footprint, **fixed))
     return out
 
 
 def orthogonality_rows(dtype: str) -> list[dict]:
-    acc, flat = ("*fp64" if dtype == "fp64" else "*fp32"), "*" + dtype
-    consts = {"PRECISION": "tf32" if dtype == "fp32" else "ieee"}
-    gram = O._gram_loss_kernel
-    gram_sig = signature(gram, "", flat=flat, table="*i64", gram=acc, partials=acc)
-    grad_sig = signature(O._grad_kernel, "", flat=flat, table="*i64", gram=acc, grad_out=acc,
-                         grad=flat)
+    """Every orthogonality config (the factors' strides come from the table at run time)."""
+    precision = "tf32" if dtype == "fp32" else "ieee"
     return ([_row("orthogonality Gram + loss", dtype, None, cfg,
-                  compile_sm90(gram, gram_sig, consts, cfg))
-             for cfg in O.GRAM_CONFIGS] +
+                  [usage(compile_gram(dtype, cfg, precision))]) for cfg in O.GRAM_CONFIGS] +
             [_row("orthogonality gradient", dtype, None, cfg,
-                  compile_sm90(O._grad_kernel, grad_sig, consts, cfg))
-             for cfg in O.GRAD_CONFIGS])
+                  [usage(compile_grad(dtype, cfg, precision))]) for cfg in O.GRAD_CONFIGS])
 
 
-def _row(kernel: str, dtype: str, r_pad: int | None, cfg: triton.Config, compiled,
+def _row(kernel: str, dtype: str, r_pad: int | None, cfg: triton.Config, usages: list[dict],
          footprint: float | None = None, **fixed: int) -> dict:
     blocks = " ".join(f"{k.removeprefix('BLOCK_')}={v}"
                       for k, v in sorted({**fixed, **cfg.kwargs}.items()))
     return {"kernel": kernel, "dtype": dtype, "R_PAD": r_pad, "blocks": blocks,
             "warps": cfg.num_warps, "stages": cfg.num_stages, "footprint": footprint,
-            **usage(compiled)}
+            **{k: [u[k] for u in usages] for k in ("regs", "stack", "shared")}}
 
 
 def table(results: list[dict]) -> str:
     budget = L._REGISTER_BUDGET
+    B, n, m = LAYER_CALL
     lines = [f"# Kernel resources on sm_90 (compiled, not run), "
              f"{datetime.date.today().isoformat()}", "",
-             f"Triton {triton.__version__}, `python -m bench.kernel_resources`. footprint = fp32 "
-             f"values per thread a layer kernel keeps live (`register_footprint`); layer configs "
-             f"above {budget} are pruned before autotuning (kept: no). stack = bytes per thread "
+             f"Triton {triton.__version__}, `python -m bench.kernel_resources`. Each kernel is "
+             f"compiled as its launcher launches it (Triton's binder specializes the arguments: "
+             f"aligned pointers, unit strides as constants, sizes divisible by 16): layer "
+             f"kernels on x ({B}, {n}) -> ({m}) at rank R_PAD and R_PAD - 1 (the two values "
+             f"in each cell; the second has factor strides not divisible by 16), "
+             f"orthogonality kernels on a packed mix of factors. footprint = fp32 values per "
+             f"thread a layer kernel keeps live (`register_footprint`); layer configs above "
+             f"{budget} are pruned before autotuning (kept: no). stack = bytes per thread "
              f"spilled to local memory. The orthogonality kernels tune among every config "
-             f"listed. Integer arguments are compiled unspecialized (a launch may specialize "
-             f"those divisible by 16), so a launch's register count can differ slightly.", "",
+             f"listed.", "",
              "| kernel | dtype | R_PAD | blocks | warps | stages | footprint | kept | regs | "
              "stack | shared KiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(values, scale=1):
+        return " / ".join(f"{v / scale:.0f}" for v in values)
     for r in results:
         fp = r["footprint"]
         lines.append(f"| {r['kernel']} | {r['dtype']} | {r['R_PAD'] or '-'} | {r['blocks']} | "
                      f"{r['warps']} | {r['stages']} | {'-' if fp is None else f'{fp:.0f}'} | "
-                     f"{'yes' if fp is None or fp <= budget else 'no'} | {r['regs']} | "
-                     f"{r['stack']} | {r['shared'] / 1024:.0f} |")
+                     f"{'yes' if fp is None or fp <= budget else 'no'} | {cell(r['regs'])} | "
+                     f"{cell(r['stack'])} | {cell(r['shared'], 1024)} |")
     for name, group in (("Layer kernels", [r for r in results if r["footprint"] is not None]),
                         ("Orthogonality kernels", [r for r in results if r["footprint"] is None])):
-        kept = [r["stack"] for r in group if r["footprint"] is None or r["footprint"] <= budget]
-        dropped = [r["stack"] for r in group
+        kept = [max(r["stack"]) for r in group if r["footprint"] is None or r["footprint"] <= budget]
+        dropped = [max(r["stack"]) for r in group
                    if r["footprint"] is not None and r["footprint"] > budget]
         if group:
             pruned = (f"; {len(dropped)} pruned, {sum(s > 0 for s in dropped)} spilling, up to "

@@ -138,9 +138,10 @@ def _configs(names: tuple[str, ...], shapes: list[tuple[int, ...]]) -> list[trit
 
 
 # On a GPU the block sizes are tuned per (matrix count, largest rank, most rows) bucket,
-# among shapes that ptxas does not spill for sm_90 in bf16 (fp32 at most 96 bytes per
-# thread): `python -m bench.kernel_resources` shows them; a 128-wide Gram tile, a 64 x 128
-# gradient tile, and 4 warps on 64-wide Gram or 128-row gradient tiles spilled 0.1-1.8 KB.
+# among shapes that ptxas spills little for on sm_90 (at most 16 bytes per thread in bf16,
+# 96 in fp32: `python -m bench.kernel_resources`, bench/results/sm90-kernel-resources-
+# 2026-12-02.md); a 128-wide Gram tile, 4 warps on a 64-wide Gram or a 128-row gradient
+# tile spill 352 bytes to 1.6 KB there, and a 64 x 128 gradient tile 24 bytes in bf16.
 # The interpreter runs one fixed config each; the tests run every GPU config through it.
 GRAM_CONFIGS = _configs(("BLOCK_R", "BLOCK_K"), [(32, 32, 4, 2), (32, 32, 8, 3), (64, 32, 8, 2),
                                                  (64, 32, 8, 3), (64, 64, 8, 2)])

@@ -319,22 +319,14 @@ def test_tf32_on_gpu(monkeypatch):
 
 
 COMPILE_FOR_SM90 = """
-import triton
-from bench.kernel_resources import compile_sm90
-from svdkern.kernels import orthogonality as O, sparsity as S
-ints = dict(num_mats="i32", max_rank="i32", max_rows="i32")
-gram_cfg, grad_cfg = O.GRAM_CONFIGS[-1], O.GRAD_CONFIGS[-1]  # largest tiles
-sparsity_cfg = triton.Config({"BLOCK": S._BLOCK}, num_warps=4)
+from bench.kernel_resources import compile_grad, compile_gram, compile_sparsity
+from svdkern.kernels import orthogonality as O
 for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee"),
                  ("fp64", "ieee")):
-    acc = "fp64" if dt == "fp64" else "fp32"
-    compile_sm90(O._gram_loss_kernel, dict(flat="*" + dt, table="*i64", gram="*" + acc,
-                 partials="*" + acc, **ints), dict(PRECISION=prec), gram_cfg)
-    compile_sm90(O._grad_kernel, dict(flat="*" + dt, table="*i64", gram="*" + acc,
-                 grad_out="*" + acc, grad="*" + dt, **ints), dict(PRECISION=prec), grad_cfg)
+    compile_gram(dt, O.GRAM_CONFIGS[-1], prec)  # the largest tiles
+    compile_grad(dt, O.GRAD_CONFIGS[-1], prec)
     for hoyer in (False, True):
-        compile_sm90(S._sparsity_kernel, dict(flat="*" + dt, offsets="*i64", losses="*" + acc,
-                     grad="*" + acc, num_segments="i32"), dict(HOYER=hoyer), sparsity_cfg)
+        compile_sparsity(dt, hoyer)
 print("compiled")
 """
 
