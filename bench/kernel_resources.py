@@ -40,7 +40,7 @@ from svdkern.backend import interpreter_enabled
 from svdkern.kernels import orthogonality as O
 from svdkern.kernels import sparsity as S
 from svdkern.kernels import svd_linear as L
-from svdkern.regularizer_ops import matrix_table, pack_matrices, segment_offsets
+from svdkern.regularizer_ops import matrix_table, segment_offsets
 
 if interpreter_enabled():  # the kernels would hold the interpreter's single config
     raise RuntimeError("bench.kernel_resources compiles for a GPU: run it without "
@@ -106,7 +106,16 @@ def usage(kernel) -> dict:
                               text=True, check=True).stdout
     return {"regs": int(re.search(r"REG:(\d+)", text).group(1)),
             "stack": int(re.search(r"STACK:(\d+)", text).group(1)),
-            "shared": kernel.metadata.shared}
+            "shared": kernel.metadata.shared, "mma": matrix_instructions(kernel)}
+
+
+def matrix_instructions(kernel) -> str:
+    """The matrix instructions in the PTX: "wgmma" (sm_90 warpgroup MMA), "mma" (warp-level
+    tensor-core MMA) or "fma" (none: the dots became scalar FMAs)."""
+    ptx = kernel.asm["ptx"]
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    return "mma" if re.search(r"\bmma\.sync", ptx) else "fma"
 
 
 def _layer_operands(dtype: str, rank: int) -> tuple[torch.Tensor, ...]:
@@ -139,12 +148,13 @@ def compile_backward(dtype: str, r_pad: int, cfg: triton.Config, precision: str 
 
 
 def _regularizer_operands(dtype: str):
-    """Factors of mixed shapes (tall, square, rank 1) packed as the regularizer packs them."""
-    mats = [torch.empty(rows, r, dtype=DTYPES[dtype]) for rows, r in ((2304, 256), (512, 512),
-                                                                      (3072, 48), (5, 1))]
-    flat, key = pack_matrices(mats)
-    table, gram_numel = matrix_table(key, flat.device)
-    return flat, table, tuple((rows, r) for rows, r, _ in key), gram_numel
+    """Factors of mixed shapes (tall, square, rank 1) in one flat buffer, with their table.
+    Built directly, not by `pack_matrices`, which reads bf16 as fp32 on CPU (for the
+    interpreter): the GPU launch reads bf16."""
+    shapes = ((2304, 256), (512, 512), (3072, 48), (5, 1))
+    flat = torch.empty(sum(rows * r for rows, r in shapes), dtype=DTYPES[dtype])
+    table, gram_numel = matrix_table(tuple((rows, r, False) for rows, r in shapes), flat.device)
+    return flat, table, shapes, gram_numel
 
 
 def compile_gram(dtype: str, cfg: triton.Config, precision: str = "ieee"):
@@ -212,7 +222,7 @@ def _row(kernel: str, dtype: str, r_pad: int | None, cfg: triton.Config, usages:
                       for k, v in sorted({**fixed, **cfg.kwargs}.items()))
     return {"kernel": kernel, "dtype": dtype, "R_PAD": r_pad, "blocks": blocks,
             "warps": cfg.num_warps, "stages": cfg.num_stages, "footprint": footprint,
-            **{k: [u[k] for u in usages] for k in ("regs", "stack", "shared")}}
+            **{k: [u[k] for u in usages] for k in ("regs", "stack", "shared", "mma")}}
 
 
 def table(results: list[dict]) -> str:
@@ -228,19 +238,22 @@ def table(results: list[dict]) -> str:
              f"orthogonality kernels on a packed mix of factors. footprint = fp32 values per "
              f"thread a layer kernel keeps live (`register_footprint`); layer configs above "
              f"{budget} are pruned before autotuning (kept: no). stack = bytes per thread "
-             f"spilled to local memory. The orthogonality kernels tune among every config "
-             f"listed.", "",
+             f"spilled to local memory. fp32 rows use TF32 dots (exact fp32 has no "
+             f"tensor-core path). MMA = the matrix instructions in the PTX (wgmma: "
+             f"sm_90 warpgroup MMA; mma: warp-level tensor-core MMA; fma: none, scalar FMAs). "
+             f"The orthogonality kernels tune among every config listed.", "",
              "| kernel | dtype | R_PAD | blocks | warps | stages | footprint | kept | regs | "
-             "stack | shared KiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "stack | shared KiB | MMA |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(values, scale=1):
-        return " / ".join(f"{v / scale:.0f}" for v in values)
+        return " / ".join(v if isinstance(v, str) else f"{v / scale:.0f}" for v in values)
     for r in results:
         fp = r["footprint"]
         lines.append(f"| {r['kernel']} | {r['dtype']} | {r['R_PAD'] or '-'} | {r['blocks']} | "
                      f"{r['warps']} | {r['stages']} | {'-' if fp is None else f'{fp:.0f}'} | "
                      f"{'yes' if fp is None or fp <= budget else 'no'} | {cell(r['regs'])} | "
-                     f"{cell(r['stack'])} | {cell(r['shared'], 1024)} |")
+                     f"{cell(r['stack'])} | {cell(r['shared'], 1024)} | "
+                     f"{' / '.join(dict.fromkeys(r['mma']))} |")
     for name, group in (("Layer kernels", [r for r in results if r["footprint"] is not None]),
                         ("Orthogonality kernels", [r for r in results if r["footprint"] is None])):
         kept = [max(r["stack"]) for r in group if r["footprint"] is None or r["footprint"] <= budget]

@@ -353,7 +353,7 @@ def test_untuned_kernels_take_the_first_fitting_config(monkeypatch, switch):
 
 LAYER_KERNELS_FOR_SM90 = """
 import torch
-from bench.kernel_resources import compile_backward, compile_forward
+from bench.kernel_resources import compile_backward, compile_forward, matrix_instructions
 from svdkern.kernels import svd_linear as L
 
 def first_kept(kernel, configs, dtype, r_pad, **kwargs):
@@ -364,8 +364,11 @@ def both(name, dtype, precision, r_pad, flag=True, rank=None):
     fwd = first_kept(L._fwd_kernel, L.FWD_CONFIGS, dtype, r_pad)
     bwd = first_kept(L._bwd_rows_kernel, L.BWD_CONFIGS, dtype, r_pad,
                      BLOCK_B=L._bwd_block_b(r_pad))
-    compile_forward(name, r_pad, fwd, precision, has_bias=flag, rank=rank)
-    compile_backward(name, r_pad, bwd, precision, dx=flag, db=flag, rank=rank)
+    for kernel in (compile_forward(name, r_pad, fwd, precision, has_bias=flag, rank=rank),
+                   compile_backward(name, r_pad, bwd, precision, dx=flag, db=flag, rank=rank)):
+        # tensor cores for every dtype but exact fp32 (IEEE), which has none
+        expected = ("fma",) if precision == "ieee" and dtype == torch.float32 else ("wgmma", "mma")
+        assert matrix_instructions(kernel) in expected, (name, precision, r_pad)
 
 for name, dtype, precision in (("fp32", torch.float32, "ieee"), ("fp32", torch.float32, "tf32"),
                                ("fp16", torch.float16, "ieee"), ("bf16", torch.bfloat16, "ieee")):
@@ -383,5 +386,6 @@ def test_layer_kernels_compile_for_gpu():
     """The forward and backward kernels compile for sm_90, as their launchers launch them, in
     every dtype (fp32 IEEE and TF32, fp16, bf16) with bias, dx and db on, bf16 also with them
     all off, at rank paddings 16 and 128 (bf16 and TF32) and at a rank off 16, each with the
-    first config the autotune prefilter keeps."""
+    first config the autotune prefilter keeps, and their dots on the tensor cores wherever
+    the dtype allows."""
     compile_for_sm90(LAYER_KERNELS_FOR_SM90)

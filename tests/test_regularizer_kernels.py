@@ -319,12 +319,16 @@ def test_tf32_on_gpu(monkeypatch):
 
 
 COMPILE_FOR_SM90 = """
-from bench.kernel_resources import compile_grad, compile_gram, compile_sparsity
+from bench.kernel_resources import (compile_grad, compile_gram, compile_sparsity,
+                                    matrix_instructions)
 from svdkern.kernels import orthogonality as O
 for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee"),
                  ("fp64", "ieee")):
-    compile_gram(dt, O.GRAM_CONFIGS[-1], prec)  # the largest tiles
-    compile_grad(dt, O.GRAD_CONFIGS[-1], prec)
+    for kernel in (compile_gram(dt, O.GRAM_CONFIGS[-1], prec),  # the largest tiles
+                   compile_grad(dt, O.GRAD_CONFIGS[-1], prec)):
+        # every dot on tensor cores but exact fp32 (IEEE), which has none
+        expected = {"fp32ieee": "fma", "fp64ieee": "mma"}.get(dt + prec, "wgmma")
+        assert matrix_instructions(kernel) == expected, (dt, prec, matrix_instructions(kernel))
     for hoyer in (False, True):
         compile_sparsity(dt, hoyer)
 print("compiled")
@@ -333,5 +337,6 @@ print("compiled")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
 def test_kernels_compile_for_gpu():
-    """Every kernel variant compiles for sm_90 (what the interpreter cannot check)."""
+    """Every kernel variant compiles for sm_90 as launched (what the interpreter cannot
+    check), with its dots on the tensor cores wherever the dtype allows."""
     compile_for_sm90(COMPILE_FOR_SM90)
