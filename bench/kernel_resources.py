@@ -106,7 +106,20 @@ def usage(kernel) -> dict:
                               text=True, check=True).stdout
     return {"regs": int(re.search(r"REG:(\d+)", text).group(1)),
             "stack": int(re.search(r"STACK:(\d+)", text).group(1)),
-            "shared": kernel.metadata.shared, "mma": matrix_instructions(kernel)}
+            "shared": kernel.metadata.shared, "mma": matrix_instructions(kernel),
+            "wide_loads": wide_load_share(kernel)}
+
+
+def wide_load_share(kernel) -> float:
+    """Share of the global-memory load instructions in the PTX (plain loads and async
+    copies to shared memory) that move 16 bytes: memory-bound code wants them all wide."""
+    ptx = kernel.asm["ptx"]
+    copies = [int(size, 0) for size in
+              re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-f]+|\d+)", ptx)]
+    loads = [(int(vec or "1") * int(bits)) // 8 for vec, bits in
+             re.findall(r"ld\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s", ptx)]
+    sizes = copies + loads
+    return sum(size == 16 for size in sizes) / max(1, len(sizes))
 
 
 def matrix_instructions(kernel) -> str:
@@ -157,21 +170,24 @@ def _regularizer_operands(dtype: str):
     return flat, table, shapes, gram_numel
 
 
-def compile_gram(dtype: str, cfg: triton.Config, precision: str = "ieee"):
+def compile_gram(dtype: str, cfg: triton.Config, precision: str = "ieee",
+                 aligned: bool = False):
     """The Gram + loss kernel as `orthogonality.gram_loss` launches it."""
     flat, table, shapes, gram_numel = _regularizer_operands(dtype)
     acc = torch.float64 if dtype == "fp64" else torch.float32
     with _patched(O, "_gram_loss_tuned", _Recorder()) as rec:
-        O.gram_loss(flat, table, shapes, gram_numel, acc)
+        O.gram_loss(flat, table, shapes, gram_numel, acc, aligned)
     return compile_launch(O._gram_loss_tuned, rec, cfg, PRECISION=precision)
 
 
-def compile_grad(dtype: str, cfg: triton.Config, precision: str = "ieee"):
+def compile_grad(dtype: str, cfg: triton.Config, precision: str = "ieee",
+                 aligned: bool = False):
     """The gradient kernel as `orthogonality.grad` launches it."""
     flat, table, shapes, gram_numel = _regularizer_operands(dtype)
     acc = torch.float64 if dtype == "fp64" else torch.float32
     with _patched(O, "_grad_tuned", _Recorder()) as rec:
-        O.grad(flat, table, shapes, torch.empty(gram_numel, dtype=acc), torch.ones((), dtype=acc))
+        O.grad(flat, table, shapes, torch.empty(gram_numel, dtype=acc), torch.ones((), dtype=acc),
+               aligned)
     return compile_launch(O._grad_tuned, rec, cfg, PRECISION=precision)
 
 
@@ -208,12 +224,14 @@ def layer_rows(dtype: str) -> list[dict]:
 
 
 def orthogonality_rows(dtype: str) -> list[dict]:
-    """Every orthogonality config (the factors' strides come from the table at run time)."""
+    """Every orthogonality config, for any layout and for the aligned one (the factors'
+    strides come from the table at run time)."""
     precision = "tf32" if dtype == "fp32" else "ieee"
-    return ([_row("orthogonality Gram + loss", dtype, None, cfg,
-                  [usage(compile_gram(dtype, cfg, precision))]) for cfg in O.GRAM_CONFIGS] +
-            [_row("orthogonality gradient", dtype, None, cfg,
-                  [usage(compile_grad(dtype, cfg, precision))]) for cfg in O.GRAD_CONFIGS])
+    return ([_row(f"orthogonality {name}", dtype, None, cfg,
+                  [usage(build(dtype, cfg, precision, aligned)) for aligned in (False, True)])
+             for name, build, configs in (("Gram + loss", compile_gram, O.GRAM_CONFIGS),
+                                          ("gradient", compile_grad, O.GRAD_CONFIGS))
+             for cfg in configs])
 
 
 def _row(kernel: str, dtype: str, r_pad: int | None, cfg: triton.Config, usages: list[dict],
@@ -222,7 +240,8 @@ def _row(kernel: str, dtype: str, r_pad: int | None, cfg: triton.Config, usages:
                       for k, v in sorted({**fixed, **cfg.kwargs}.items()))
     return {"kernel": kernel, "dtype": dtype, "R_PAD": r_pad, "blocks": blocks,
             "warps": cfg.num_warps, "stages": cfg.num_stages, "footprint": footprint,
-            **{k: [u[k] for u in usages] for k in ("regs", "stack", "shared", "mma")}}
+            **{k: [u[k] for u in usages]
+               for k in ("regs", "stack", "shared", "mma", "wide_loads")}}
 
 
 def table(results: list[dict]) -> str:
@@ -235,15 +254,20 @@ def table(results: list[dict]) -> str:
              f"aligned pointers, unit strides as constants, sizes divisible by 16): layer "
              f"kernels on x ({B}, {n}) -> ({m}) at rank R_PAD and R_PAD - 1 (the two values "
              f"in each cell; the second has factor strides not divisible by 16), "
-             f"orthogonality kernels on a packed mix of factors. footprint = fp32 values per "
+             f"orthogonality kernels on a packed mix of factors, for any layout and for the "
+             f"aligned one (`aligned_layout`: row-major, ranks multiples of 8; the two values "
+             f"in each cell). footprint = fp32 values per "
              f"thread a layer kernel keeps live (`register_footprint`); layer configs above "
              f"{budget} are pruned before autotuning (kept: no). stack = bytes per thread "
              f"spilled to local memory. fp32 rows use TF32 dots (exact fp32 has no "
              f"tensor-core path). MMA = the matrix instructions in the PTX (wgmma: "
              f"sm_90 warpgroup MMA; mma: warp-level tensor-core MMA; fma: none, scalar FMAs). "
-             f"The orthogonality kernels tune among every config listed.", "",
+             f"16B loads = share of the global load instructions (loads and async copies) "
+             f"that move 16 bytes. The orthogonality kernels tune among every config listed.",
+             "",
              "| kernel | dtype | R_PAD | blocks | warps | stages | footprint | kept | regs | "
-             "stack | shared KiB | MMA |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "stack | shared KiB | MMA | 16B loads |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(values, scale=1):
         return " / ".join(v if isinstance(v, str) else f"{v / scale:.0f}" for v in values)
@@ -253,7 +277,8 @@ def table(results: list[dict]) -> str:
                      f"{r['warps']} | {r['stages']} | {'-' if fp is None else f'{fp:.0f}'} | "
                      f"{'yes' if fp is None or fp <= budget else 'no'} | {cell(r['regs'])} | "
                      f"{cell(r['stack'])} | {cell(r['shared'], 1024)} | "
-                     f"{' / '.join(dict.fromkeys(r['mma']))} |")
+                     f"{' / '.join(dict.fromkeys(r['mma']))} | "
+                     f"{' / '.join(f'{100 * w:.0f}%' for w in r['wide_loads'])} |")
     for name, group in (("Layer kernels", [r for r in results if r["footprint"] is not None]),
                         ("Orthogonality kernels", [r for r in results if r["footprint"] is None])):
         kept = [max(r["stack"]) for r in group if r["footprint"] is None or r["footprint"] <= budget]

@@ -9,6 +9,11 @@ addressed through an int64 table (one row per matrix, `TABLE_COLS` columns):
 
     offset in flat, rows, r, row stride, column stride, offset of its r x r Gram
 
+When every matrix is row-major with a rank that is a multiple of 8 (the usual full-rank
+case), the kernels are compiled in an ALIGNED form that knows rows start 16 bytes apart and
+the column stride is 1, so the factor tiles load 16 bytes at a time (the sm_90 PTX of the
+general form has no 16-byte loads: its strides are run-time table entries).
+
 Launch 1 (`gram_loss`): Gram tiles of the upper triangle only (the Gram is symmetric), each
 storing `G - I` in both triangles of a flat Gram buffer (kept for the backward) and adding
 its squared Frobenius norm (twice for off-diagonal tiles) to a per-program fp32 partial;
@@ -35,11 +40,17 @@ _INTERP_PROGRAMS = 4  # persistent-grid cap under the interpreter: small tests l
 
 
 @triton.jit
-def _matrix_entry(table, g):
-    """Row `g` of the table: offset, rows, r, row stride, column stride, Gram offset."""
+def _matrix_entry(table, g, ALIGNED: tl.constexpr):
+    """Row `g` of the table: offset, rows, r, row stride, column stride, Gram offset.
+    ALIGNED (every matrix row-major, every rank and offset a multiple of 8): the compiler is
+    told so, and with the unit column stride a constant it can load 16 bytes at a time."""
     row = table + g * TABLE_COLS
-    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
-            tl.load(row + 4), tl.load(row + 5))
+    off, rows, r = tl.load(row), tl.load(row + 1), tl.load(row + 2)
+    s_row, s_col, g_off = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+    if ALIGNED:
+        off, r, s_row = tl.multiple_of(off, 8), tl.multiple_of(r, 8), tl.multiple_of(s_row, 8)
+        g_off, s_col = tl.multiple_of(g_off, 8), 1
+    return off, rows, r, s_row, s_col, g_off
 
 
 @triton.jit
@@ -54,7 +65,8 @@ def _upper_block(local, nb):
 
 @triton.jit
 def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows,
-                      PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                      ALIGNED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
     acc_dtype = gram.dtype.element_ty
@@ -64,7 +76,7 @@ def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows,
     cols = tl.arange(0, BLOCK_R)
     ks = tl.arange(0, BLOCK_K)
     for g in range(num_mats):
-        off, rows, r, s_row, s_col, g_off = _matrix_entry(table, g)
+        off, rows, r, s_row, s_col, g_off = _matrix_entry(table, g, ALIGNED)
         nb = tl.cdiv(r, BLOCK_R)
         last = first + nb * (nb + 1) // 2  # upper-triangle block pairs only
         while tile < last:
@@ -95,8 +107,8 @@ def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows,
 
 @triton.jit
 def _grad_kernel(flat, table, gram, grad_out, grad, num_mats, max_rank, max_rows,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 ALIGNED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
     acc_dtype = gram.dtype.element_ty
@@ -107,7 +119,7 @@ def _grad_kernel(flat, table, gram, grad_out, grad, num_mats, max_rank, max_rows
     ns = tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     for g in range(num_mats):
-        off, rows, r, s_row, s_col, g_off = _matrix_entry(table, g)
+        off, rows, r, s_row, s_col, g_off = _matrix_entry(table, g, ALIGNED)
         nbn = tl.cdiv(r, BLOCK_N)
         last = first + tl.cdiv(rows, BLOCK_M) * nbn
         while tile < last:
@@ -155,7 +167,7 @@ GRAD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"),
 _FIXED_GRAM = _configs(("BLOCK_R", "BLOCK_K"), [(32, 32, 4, 1)])
 _FIXED_GRAD = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [(32, 32, 32, 4, 1)])
 
-_TUNING = dict(key=["num_mats", "max_rank", "max_rows"], prune_configs_by={
+_TUNING = dict(key=["num_mats", "max_rank", "max_rows", "ALIGNED"], prune_configs_by={
     "early_config_prune": lambda configs, named_args, **kwargs: tuning_choices(configs)})
 _gram_loss_tuned = triton.autotune(_FIXED_GRAM if _INTERPRET else GRAM_CONFIGS,
                                    reset_to_zero=["partials"], **_TUNING)(_gram_loss_kernel)
@@ -181,26 +193,31 @@ def _max_programs(device: torch.device) -> int:
 
 
 def gram_loss(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, int], ...],
-              gram_numel: int, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch 1: (loss scalar, flat `G - I` of every matrix), both in `acc_dtype`."""
+              gram_numel: int, acc_dtype: torch.dtype,
+              aligned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch 1: (loss scalar, flat `G - I` of every matrix), both in `acc_dtype`.
+    `aligned`: every matrix row-major, every rank a multiple of 8
+    (`svdkern.regularizer_ops.aligned_layout`)."""
     gram = torch.empty(gram_numel, dtype=acc_dtype, device=flat.device)
     cap = _max_programs(flat.device)
     partials = torch.zeros(cap, dtype=acc_dtype, device=flat.device)
     grid = lambda meta: _grid(shapes, meta["BLOCK_R"], 0, True, cap)  # noqa: E731
     _gram_loss_tuned[grid](flat, table, gram, partials, len(shapes), *_tune_keys(shapes),
-                           PRECISION=dot_precision(flat.dtype, flat.device), **COMPILE_OPTIONS)
+                           ALIGNED=aligned, PRECISION=dot_precision(flat.dtype, flat.device),
+                           **COMPILE_OPTIONS)
     return partials.sum(), gram
 
 
 def grad(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, int], ...],
-         gram: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+         gram: torch.Tensor, grad_out: torch.Tensor, aligned: bool) -> torch.Tensor:
     """Launch 2: `4 M (G - I) / r^2 * grad_out` for every matrix, laid out like `flat`."""
     out = torch.empty_like(flat)
     cap = _max_programs(flat.device)
     upstream = grad_out.reshape(1).to(gram.dtype)
     grid = lambda meta: _grid(shapes, meta["BLOCK_M"], meta["BLOCK_N"], False, cap)  # noqa: E731
     _grad_tuned[grid](flat, table, gram, upstream, out, len(shapes), *_tune_keys(shapes),
-                      PRECISION=dot_precision(flat.dtype, flat.device), **COMPILE_OPTIONS)
+                      ALIGNED=aligned, PRECISION=dot_precision(flat.dtype, flat.device),
+                      **COMPILE_OPTIONS)
     return out
 
 

@@ -76,43 +76,45 @@ def pack_matrices(mats: Sequence[Tensor]) -> tuple[Tensor, MatrixKey]:
 
 
 @torch.library.custom_op("svdkern::orthogonality_loss", mutates_args=())
-def _orthogonality(flat: Tensor, table: Tensor, shapes: list[int],
-                   gram_numel: int) -> tuple[Tensor, Tensor]:
+def _orthogonality(flat: Tensor, table: Tensor, shapes: list[int], gram_numel: int,
+                   aligned: bool) -> tuple[Tensor, Tensor]:
     """(sum ||M^T M - I||_F^2 / r^2, flat G - I of every matrix) in one launch.
-    `shapes` is (rows, r) per matrix, flattened: the host sizes the grid from it."""
+    `shapes` is (rows, r) per matrix, flattened: the host sizes the grid from it;
+    `aligned`: see `aligned_layout`."""
     from .kernels import orthogonality
     return orthogonality.gram_loss(flat, table, _pairs(shapes), gram_numel,
-                                   _acc_dtype(flat.dtype))
+                                   _acc_dtype(flat.dtype), aligned)
 
 
 @_orthogonality.register_fake
-def _(flat, table, shapes, gram_numel):
+def _(flat, table, shapes, gram_numel, aligned):
     acc = _acc_dtype(flat.dtype)
     return flat.new_empty((), dtype=acc), flat.new_empty(gram_numel, dtype=acc)
 
 
 @torch.library.custom_op("svdkern::orthogonality_grad", mutates_args=())
 def _orthogonality_grad(flat: Tensor, table: Tensor, shapes: list[int], gram: Tensor,
-                        grad_out: Tensor) -> Tensor:
+                        grad_out: Tensor, aligned: bool) -> Tensor:
     """`4 M (G - I) / r^2 * grad_out` for every matrix, laid out like `flat`, in one launch."""
     from .kernels import orthogonality
-    return orthogonality.grad(flat, table, _pairs(shapes), gram, grad_out)
+    return orthogonality.grad(flat, table, _pairs(shapes), gram, grad_out, aligned)
 
 
 @_orthogonality_grad.register_fake
-def _(flat, table, shapes, gram, grad_out):
+def _(flat, table, shapes, gram, grad_out, aligned):
     return torch.empty_like(flat)
 
 
 def _orthogonality_setup(ctx, inputs, output) -> None:
-    flat, table, shapes, _ = inputs
+    flat, table, shapes, _, aligned = inputs
     ctx.save_for_backward(flat, table, output[1])
-    ctx.shapes = shapes
+    ctx.shapes, ctx.aligned = shapes, aligned
 
 
 def _orthogonality_backward(ctx, grad_loss: Tensor, _grad_gram: Tensor):
     flat, table, gram = ctx.saved_tensors
-    return _orthogonality_grad(flat, table, ctx.shapes, gram, grad_loss), None, None, None
+    grad = _orthogonality_grad(flat, table, ctx.shapes, gram, grad_loss, ctx.aligned)
+    return grad, None, None, None, None
 
 
 _orthogonality.register_autograd(_orthogonality_backward, setup_context=_orthogonality_setup)
@@ -122,13 +124,20 @@ def _pairs(shapes: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple(zip(shapes[0::2], shapes[1::2]))
 
 
+def aligned_layout(key: MatrixKey) -> bool:
+    """Every matrix row-major with a rank that is a multiple of 8, so every row and every
+    matrix starts 16 bytes apart in the packed buffer: the kernels can then load 16 bytes
+    at a time (the usual full-rank case; pruned ranks seldom are)."""
+    return all(not col_major and r % 8 == 0 for _, r, col_major in key)
+
+
 def orthogonality_loss(mats: Sequence[Tensor]) -> Tensor:
     """`sum ||M^T M - I||_F^2 / r^2` over 2-D matrices of any shapes: two Triton launches
     (loss forward, gradient backward) for the whole list."""
     flat, key = pack_matrices(mats)
     table, gram_numel = matrix_table(key, flat.device)
     shapes = [n for rows, r, _ in key for n in (rows, r)]
-    return _orthogonality(flat, table, shapes, gram_numel)[0]
+    return _orthogonality(flat, table, shapes, gram_numel, aligned_layout(key))[0]
 
 
 # ---------------------------------------------------------------------------- sparsity

@@ -94,8 +94,30 @@ def test_random_shapes(shapes, lengths, seed):
 
 
 # For the GPU block shapes: a Gram of three 64-wide (five 32-wide) blocks, two row blocks of
-# the tallest gradient tile, rank 1, wide (rows < r), ranks off every block size.
+# the tallest gradient tile, rank 1, wide (rows < r), ranks off every block size; and a mix
+# the kernels take in their aligned form (row-major, every rank a multiple of 8).
 CONFIG_SHAPES = [(150, 70), (33, 1), (3, 17), (130, 130), (20, 20)]
+ALIGNED_SHAPES = [(150, 72), (33, 8), (3, 16), (130, 136), (20, 24)]
+
+
+def test_aligned_layout_needs_row_major_ranks_multiple_of_8():
+    def key(shapes, col_major=False):
+        return tuple((rows, r, col_major) for rows, r in shapes)
+    assert regularizer_ops.aligned_layout(key(ALIGNED_SHAPES))
+    assert not regularizer_ops.aligned_layout(key(CONFIG_SHAPES))
+    assert not regularizer_ops.aligned_layout(key(ALIGNED_SHAPES, col_major=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_orthogonality_aligned_layout(dtype):
+    """The aligned kernels (told that rows and matrices start 16 bytes apart) against the
+    reference, with a column-major matrix making the same mix take the general ones."""
+    mats = rand_matrices(ALIGNED_SHAPES, dtype, seed=3)
+    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss, mats, dtype,
+                            "aligned")
+    views = [lambda t: t] * (len(mats) - 1) + [lambda t: t.t().contiguous().t()]
+    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss, mats, dtype,
+                            "general", views)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="interpreter; a GPU checks the configs it tunes to")
@@ -104,12 +126,13 @@ CONFIG_SHAPES = [(150, 70), (33, 1), (3, 17), (130, 130), (20, 20)]
                          ids=lambda v: config_id(v) if isinstance(v, triton.Config) else v)
 def test_every_orthogonality_block_shape_matches_reference(monkeypatch, kernel, cfg):
     """The autotuner may pick any of these on a GPU: each one, run alone through the
-    interpreter, gives the reference loss and gradients."""
+    interpreter, gives the reference loss and gradients, in the general and aligned forms."""
     tuned = getattr(O, kernel)
     monkeypatch.setattr(tuned, "configs", [cfg])
-    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
-                            rand_matrices(CONFIG_SHAPES, torch.float32), torch.float32,
-                            config_id(cfg))
+    for shapes in (CONFIG_SHAPES, ALIGNED_SHAPES):
+        check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+                                rand_matrices(shapes, torch.float32), torch.float32,
+                                config_id(cfg))
     assert tuned.best_config is cfg  # the launch really ran this config
 
 
@@ -235,19 +258,21 @@ def test_bad_inputs():
 
 
 def test_opcheck():
-    mats = rand_matrices([(9, 3), (5, 5)], torch.float32)
-    flat, key = regularizer_ops.pack_matrices(mats)
-    table, gram_numel = regularizer_ops.matrix_table(key, flat.device)
-    shapes = [n for rows, r, _ in key for n in (rows, r)]
-    flat.requires_grad_()
     tests = ("test_schema", "test_autograd_registration", "test_faketensor",
              "test_aot_dispatch_dynamic")
-    torch.library.opcheck(regularizer_ops._orthogonality, (flat, table, shapes, gram_numel),
-                          test_utils=tests)
-    _, gram = regularizer_ops._orthogonality(flat.detach(), table, shapes, gram_numel)
-    torch.library.opcheck(regularizer_ops._orthogonality_grad,
-                          (flat.detach(), table, shapes, gram, torch.tensor(1.0)),
-                          test_utils=tests)
+    for shapes_in in ([(9, 3), (5, 5)], [(9, 8), (5, 16)]):  # general and aligned layouts
+        flat, key = regularizer_ops.pack_matrices(rand_matrices(shapes_in, torch.float32))
+        table, gram_numel = regularizer_ops.matrix_table(key, flat.device)
+        shapes = [n for rows, r, _ in key for n in (rows, r)]
+        aligned = regularizer_ops.aligned_layout(key)
+        flat.requires_grad_()
+        torch.library.opcheck(regularizer_ops._orthogonality,
+                              (flat, table, shapes, gram_numel, aligned), test_utils=tests)
+        _, gram = regularizer_ops._orthogonality(flat.detach(), table, shapes, gram_numel,
+                                                 aligned)
+        torch.library.opcheck(regularizer_ops._orthogonality_grad,
+                              (flat.detach(), table, shapes, gram, torch.tensor(1.0), aligned),
+                              test_utils=tests)
     svals = torch.randn(12, device=DEVICE, requires_grad=True)
     offsets = regularizer_ops.segment_offsets((5, 7), svals.device)
     for hoyer in (False, True):
@@ -320,15 +345,20 @@ def test_tf32_on_gpu(monkeypatch):
 
 COMPILE_FOR_SM90 = """
 from bench.kernel_resources import (compile_grad, compile_gram, compile_sparsity,
-                                    matrix_instructions)
+                                    matrix_instructions, wide_load_share)
 from svdkern.kernels import orthogonality as O
 for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee"),
                  ("fp64", "ieee")):
-    for kernel in (compile_gram(dt, O.GRAM_CONFIGS[-1], prec),  # the largest tiles
-                   compile_grad(dt, O.GRAD_CONFIGS[-1], prec)):
-        # every dot on tensor cores but exact fp32 (IEEE), which has none
-        expected = {"fp32ieee": "fma", "fp64ieee": "mma"}.get(dt + prec, "wgmma")
-        assert matrix_instructions(kernel) == expected, (dt, prec, matrix_instructions(kernel))
+    for aligned in (False, True):
+        for kernel in (compile_gram(dt, O.GRAM_CONFIGS[-1], prec, aligned),  # the largest tiles
+                       compile_grad(dt, O.GRAD_CONFIGS[-1], prec, aligned)):
+            # every dot on tensor cores but exact fp32 (IEEE), which has none
+            expected = {"fp32ieee": "fma", "fp64ieee": "mma"}.get(dt + prec, "wgmma")
+            assert matrix_instructions(kernel) == expected, (dt, prec, aligned)
+            # 16-byte loads only where rows are known to start 16 bytes apart
+            wide = wide_load_share(kernel)
+            assert (wide > 0.3) if aligned and dt in ("bf16", "fp16") else True, (dt, wide)
+            assert wide == 0 or aligned, (dt, prec, wide)
     for hoyer in (False, True):
         compile_sparsity(dt, hoyer)
 print("compiled")
