@@ -92,8 +92,9 @@ class LayerShape:
 
 def layer_shapes(p: Preset) -> list[LayerShape]:
     """Each source layer at full rank min(n, m), a quarter and a sixteenth of it, and an
-    odd rank, an eighth of it plus one (energy pruning leaves ranks that are no multiple of
-    anything: the factors' row strides then allow no 16-byte loads); convs as GEMMs with
+    eighth of it with and without one more (energy pruning leaves ranks that are no multiple
+    of anything: the factors' row strides then allow no 16-byte loads; the pair measures what
+    that costs, and what `prune(..., rank_multiple=8)` saves); convs as GEMMs with
     B = N * H_out * W_out, channels scaled by the preset."""
     shapes = []
     for model, layer, channels, taps, m, side in LAYER_SOURCES:
@@ -103,7 +104,8 @@ def layer_shapes(p: Preset) -> list[LayerShape]:
             rows = p.layer_images * max(1, side * p.image_side // 224) ** 2
         n, m = p.width(channels) * taps, p.width(m)
         full = min(n, m)
-        for rank in dict.fromkeys((full, max(1, full // 4), max(1, full // 16), full // 8 + 1)):
+        ranks = (full, max(1, full // 4), max(1, full // 16), max(1, full // 8), full // 8 + 1)
+        for rank in dict.fromkeys(ranks):
             shapes.append(LayerShape(model, layer, rows, n, m, rank))
     return shapes
 

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="epochs of orthogonality-only training before the sparsity term "
                             "is added (the paper's stage 1; --method svd only; default "
                             "%(default)s)")
+        p.add_argument("--rank-multiple", type=int, default=1,
+                       help="round each kept rank up to a multiple of this (8 suits GPU "
+                            "kernels; default %(default)s: the papers' rule)")
         p.add_argument("--scheme", choices=("channel", "spatial"), default="channel")
         p.add_argument("--nuclear", type=float, default=3e-4, help="TRP nuclear-norm weight")
         p.add_argument("--trp-period", type=int, default=5, help="TRP: truncate every m steps")

@@ -60,6 +60,7 @@ class TrainConfig:
     sparsity: str = "hoyer"
     sparsity_start: int = 0
     energy: float = 0.05
+    rank_multiple: int = 1
     scheme: str = "channel"
     nuclear: float = 3e-4
     trp_period: int = 5
@@ -77,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"unknown sparsity {self.sparsity!r}; expected hoyer or l1")
         if not 0 <= self.energy < 1:
             raise ValueError(f"energy must be in [0, 1), got {self.energy}")
+        if self.rank_multiple < 1:
+            raise ValueError(f"rank_multiple must be >= 1, got {self.rank_multiple}")
         sgd = self.method == "trp"
         optimizer = self.optimizer or ("sgd" if sgd else "adam")
         epochs = self.epochs if self.epochs is not None else (20 if self.data == "digits" else 164)
@@ -241,7 +244,7 @@ def _run_svd(cfg: TrainConfig, data: Dataset, energies: list[float], progress: b
     run = Run(cfg, data, model, progress)
     prune_at = cfg.epochs - cfg.finetune_epochs
     hook = SVDTraining(run.model, cfg.lambda_o, cfg.sparsity, cfg.lambda_s, cfg.energy,
-                       sparsity_start=cfg.sparsity_start)
+                       sparsity_start=cfg.sparsity_start, rank_multiple=cfg.rank_multiple)
     run.train(range(prune_at), "svd train", penalty=hook.penalty, on_epoch=hook.on_epoch_start)
     acc_before, spec_before = evaluate(run.model, data, cfg.device), spectra(run.model)
     shared = time.perf_counter() - t0
@@ -249,7 +252,8 @@ def _run_svd(cfg: TrainConfig, data: Dataset, energies: list[float], progress: b
     for energy in energies:
         t1 = time.perf_counter()
         branch = run.fork()
-        hook = SVDTraining(branch.model, cfg.lambda_o, cfg.sparsity, cfg.lambda_s, energy)
+        hook = SVDTraining(branch.model, cfg.lambda_o, cfg.sparsity, cfg.lambda_s, energy,
+                           rank_multiple=cfg.rank_multiple)
         hook.prune_now(branch.optimizer)
         if cfg.finetune_epochs:
             branch.train(range(prune_at, cfg.epochs), f"svd finetune e={energy}",
@@ -273,7 +277,7 @@ def _run_truncate(cfg: TrainConfig, data: Dataset, energies: list[float], progre
         branch = run.fork()
         decompose(branch.model, cfg.scheme)
         spec_before = spectra(branch.model)
-        prune(branch.model, energy)
+        prune(branch.model, energy, rank_multiple=cfg.rank_multiple)
         acc_truncated = evaluate(branch.model, data, cfg.device)
         branch.rebuild_optimizer()
         if cfg.finetune_epochs:
@@ -290,7 +294,8 @@ def _run_trp(cfg: TrainConfig, data: Dataset, energies: list[float], progress: b
         t0 = time.perf_counter()
         run = Run(cfg, data, _fresh_model(cfg, data), progress)
         spec_init = dense_spectra(run.model, cfg.scheme)
-        trp = TRP(run.model, energy, cfg.nuclear, cfg.trp_period, cfg.scheme)
+        trp = TRP(run.model, energy, cfg.nuclear, cfg.trp_period, cfg.scheme,
+                  rank_multiple=cfg.rank_multiple)
         run.train(range(cfg.epochs), f"trp e={energy}", after_backward=trp.after_backward,
                   after_step=trp.after_step)
         acc_before = evaluate(run.model, data, cfg.device)

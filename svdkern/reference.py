@@ -182,6 +182,13 @@ def energy_keep_count(s: Tensor, energy: float) -> int:
     return max(1, e2.numel() - removable)
 
 
+def kept_rank(s: Tensor, energy: float, rank_multiple: int = 1) -> int:
+    """Rank a layer keeps: the largest `energy_keep_count` of its groups `s` (g, r), rounded
+    up to a multiple of `rank_multiple` (at most r), so every group keeps the same rank."""
+    k = max(energy_keep_count(group, energy) for group in s)
+    return min(s.shape[-1], -(-k // rank_multiple) * rank_multiple)
+
+
 def svd_factors(mat: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Truncated SVD `mat ~ U diag(s) V^T` (batched), computed in float64 whatever the
     input dtype (no bf16/fp16 SVD exists), returned in `mat`'s dtype; `V` is (..., cols, r)."""

@@ -30,9 +30,12 @@ class SVDTraining:
 
     def __init__(self, model: nn.Module, ortho: float = 1.0, sparsity: str | None = "hoyer",
                  strength: float = 0.07, energy: float = 0.01, prune_epoch: int | None = None,
-                 sparsity_start: int = 0) -> None:
+                 sparsity_start: int = 0, rank_multiple: int = 1) -> None:
         if not (0 <= energy < 1):
             raise ValueError(f"SVDTraining: energy must be in [0, 1), got {energy!r}")
+        if not (isinstance(rank_multiple, int) and rank_multiple >= 1):
+            raise ValueError(f"SVDTraining: rank_multiple must be an integer >= 1, "
+                             f"got {rank_multiple!r}")
         if prune_epoch is not None and prune_epoch < sparsity_start:
             raise ValueError(f"SVDTraining: prune_epoch {prune_epoch} comes before "
                              f"sparsity_start {sparsity_start}")
@@ -40,6 +43,7 @@ class SVDTraining:
         self.model = model
         self.sparsity = sparsity
         self.energy = float(energy)
+        self.rank_multiple = rank_multiple
         self.prune_epoch = prune_epoch
         self.sparsity_start = sparsity_start
         self.records: list[PruneRecord] = []
@@ -58,7 +62,8 @@ class SVDTraining:
 
     def prune_now(self, optimizer: torch.optim.Optimizer | None = None) -> list[PruneRecord]:
         """Prune by the energy rule and switch to fine-tuning (sparsity off, ortho kept)."""
-        self.records = prune(self.model, self.energy, optimizer=optimizer)
+        self.records = prune(self.model, self.energy, optimizer=optimizer,
+                             rank_multiple=self.rank_multiple)
         self._start_finetuning()
         return self.records
 

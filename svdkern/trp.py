@@ -19,7 +19,7 @@ from torch.nn.modules.utils import _pair
 
 from .convert import set_submodule
 from .layers import SVDConv2d, SVDLinear, _explicit_padding
-from .reference import SCHEMES, ConvSpec, conv_matrix_to_weight, conv_weight_to_matrix, energy_keep_count
+from .reference import SCHEMES, ConvSpec, conv_matrix_to_weight, conv_weight_to_matrix, kept_rank
 
 
 class TRP:
@@ -32,11 +32,13 @@ class TRP:
     ranks of the last truncation; `to_svd()` builds the low-rank model at those ranks.
 
     `energy` is the fraction of `sum s_j^2` a truncation may drop (0.1 keeps 0.9, the
-    official default); `scheme` picks the conv matrix layout ("channel" or "spatial").
+    official default); `scheme` picks the conv matrix layout ("channel" or "spatial");
+    `rank_multiple` rounds the kept ranks up as in `svdkern.prune`.
     """
 
     def __init__(self, model: nn.Module, energy: float = 0.1, nuclear: float = 3e-4,
-                 period: int = 5, scheme: str = "channel", skip: Iterable[str] = ()) -> None:
+                 period: int = 5, scheme: str = "channel", skip: Iterable[str] = (),
+                 rank_multiple: int = 1) -> None:
         if not (isinstance(energy, (int, float)) and 0 <= energy < 1):
             raise ValueError(f"TRP: energy must be in [0, 1), got {energy!r}")
         if not (isinstance(nuclear, (int, float)) and math.isfinite(nuclear) and nuclear >= 0):
@@ -45,6 +47,8 @@ class TRP:
             raise ValueError(f"TRP: period must be an integer >= 1, got {period!r}")
         if scheme not in SCHEMES:
             raise ValueError(f"TRP: unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        if not (isinstance(rank_multiple, int) and rank_multiple >= 1):
+            raise ValueError(f"TRP: rank_multiple must be an integer >= 1, got {rank_multiple!r}")
         skipped = {skip} if isinstance(skip, str) else set(skip)
         self.layers = {name: m for name, m in model.named_modules()
                        if isinstance(m, (nn.Linear, nn.Conv2d)) and name not in skipped}
@@ -55,6 +59,7 @@ class TRP:
         self.nuclear = float(nuclear)
         self.period = period
         self.scheme = scheme
+        self.rank_multiple = rank_multiple
         self.specs = {name: _spec(name, m, scheme) for name, m in self.layers.items()
                       if isinstance(m, nn.Conv2d)}
         self.steps = 0
@@ -84,8 +89,8 @@ class TRP:
             g = stack.shape[0] // len(names)
             for i, name in enumerate(names):
                 sl = slice(i * g, (i + 1) * g)
-                k = max(energy_keep_count(group, self.energy) for group in s[sl])
-                parts[name] = (U[sl], s[sl], Vh[sl], k)
+                parts[name] = (U[sl], s[sl], Vh[sl],
+                               kept_rank(s[sl], self.energy, self.rank_multiple))
         return parts
 
     # ------------------------------------------------------------------ the two TRP steps

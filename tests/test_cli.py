@@ -83,10 +83,11 @@ def test_module_entry_point(tmp_path):
     assert proc.returncode == 2 and "--data-dir" in proc.stderr
 
 
-def test_bad_setting_is_a_clear_error_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("flag, value", [("--energy", "1.5"), ("--rank-multiple", "0")])
+def test_bad_setting_is_a_clear_error_before_any_work(tmp_path, capsys, flag, value):
     out = tmp_path / "run"
-    assert main(["train", "--energy", "1.5", "--out", str(out), "--no-progress"]) == 2
-    assert "energy" in capsys.readouterr().err
+    assert main(["train", flag, value, "--out", str(out), "--no-progress"]) == 2
+    assert flag.strip("-").replace("-", "_") in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -45,6 +45,32 @@ def test_prune_keeps_largest_and_matches_truncation():
     assert rel_err(layer.weight, full) == pytest.approx((0.05 / 50.05) ** 0.5)
 
 
+@pytest.mark.parametrize("svals, rank_multiple, kept", [
+    ([5.0, 0.1, 4.0, 0.2, 3.0, 0.05, 2.0], 1, 4),  # the paper's rule: 5, 4, 3, 2
+    ([5.0, 0.1, 4.0, 0.2, 3.0, 0.05, 2.0], 3, 6),  # rounded up to 6: 0.2 and 0.1 come back
+    ([5.0, 0.1, 4.0, 0.2, 3.0, 0.05, 2.0], 8, 7),  # never above the full rank
+    ([5.0, 0.1, 4.0, 0.2, 3.0, 0.05, 2.0], 4, 4),  # already a multiple
+])
+def test_rank_multiple_rounds_the_kept_rank_up(svals, rank_multiple, kept):
+    """`rank_multiple` keeps the next-largest singular values up to a multiple of it, so
+    the factors' rows stay 16 bytes apart for the GPU kernels (SVDLinear(8, 7): r = 7)."""
+    layer = SVDLinear(8, 7, dtype=torch.float64)
+    with torch.no_grad():
+        layer.s.copy_(torch.tensor(svals, dtype=torch.float64))
+    (record,) = svdkern.prune(nn.Sequential(layer), energy=0.01, rank_multiple=rank_multiple)
+    assert record.rank_after == kept == layer.rank
+    expected = sorted(svals, key=abs, reverse=True)[:kept]
+    assert sorted(layer.s.tolist(), reverse=True) == sorted(expected, reverse=True)
+
+
+@pytest.mark.parametrize("rank_multiple", [0, 2.0, -8])
+def test_bad_rank_multiple_is_an_error_before_any_change(rank_multiple):
+    layer = SVDLinear(8, 7)
+    with pytest.raises(ValueError, match="rank_multiple"):
+        svdkern.prune(nn.Sequential(layer), energy=0.1, rank_multiple=rank_multiple)
+    assert layer.rank == 7
+
+
 def test_prune_keeps_parameters_and_slices_optimizer_state():
     layer = _spectrum_layer([5.0, 0.1, 4.0, 0.2, 3.0])
     model = nn.Sequential(layer)

@@ -61,7 +61,8 @@ def test_penalty_zero_when_everything_off():
     assert float(hook.penalty()) == 0.0
 
 
-@pytest.mark.parametrize("kwargs", [dict(energy=1.5), dict(prune_epoch=1, sparsity_start=3)])
+@pytest.mark.parametrize("kwargs", [dict(energy=1.5), dict(prune_epoch=1, sparsity_start=3),
+                                    dict(rank_multiple=0)])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         SVDTraining(_model(), **kwargs)

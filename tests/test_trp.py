@@ -46,6 +46,15 @@ def test_truncation_every_period_steps_hand_computed():
     assert trp.ranks == {"": 2}
 
 
+def test_truncation_rounds_ranks_up_to_rank_multiple():
+    w = torch.diag(torch.tensor([4.0, 2.0, 0.5, 0.1]))[:, :3]  # the energy rule keeps 2 of 3
+    layer = _linear_with_weight(w)
+    trp = TRP(layer, energy=0.05, nuclear=0.0, period=1, rank_multiple=3)
+    trp.after_step()
+    assert trp.ranks == {"": 3}
+    torch.testing.assert_close(layer.weight.detach(), w)  # rank 3 of 3: nothing truncated
+
+
 def test_truncation_matches_per_layer_svd_batched_by_shape():
     torch.manual_seed(0)
     mods = nn.ModuleDict({"a": nn.Linear(7, 5), "b": nn.Linear(7, 5), "c": nn.Linear(5, 3)})
@@ -113,7 +122,7 @@ def test_nuclear_pushes_singular_values_down_under_sgd():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(energy=1.0), "energy"), (dict(nuclear=-1.0), "nuclear"), (dict(period=0), "period"),
-    (dict(scheme="diag"), "scheme")])
+    (dict(scheme="diag"), "scheme"), (dict(rank_multiple=0), "rank_multiple")])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TRP(nn.Linear(3, 3), **kwargs)
