@@ -14,8 +14,9 @@
 #   3. tests: the kernel, dispatch, compile and mixed-precision tests and the bench
 #      agreement checks, on CUDA (untuned, see conftest; the CUDA autotune tests tune)
 #   4. bench.report --only layers, then regularizer, step, crossover, inference
-# The last lines printed are a summary: each step's exit code and seconds, the test tally
-# and the benchmark tables, so the device tool's output tail shows the results.
+# The last lines printed are a summary: each step's exit code and seconds, the test tally,
+# failed tests and the benchmark tables, so the device tool's output tail shows the results.
+# The script exits with the worst step's exit code (0 only if every step ran and passed).
 # Copy $OUT/results/*.json and *.md into bench/results/ afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,7 @@ mkdir -p "$out/results"
 start=$SECONDS
 summary="$out/summary.txt"
 : > "$summary"
+worst=0
 
 steps=" ${STEPS:-install tests layers regularizer step crossover inference} "
 
@@ -39,10 +41,12 @@ step() {  # step NAME CAP_SECONDS COMMAND...: run with a cap, log to $out/NAME.l
     (( cap < limit )) && limit=$cap
     if (( limit < 20 )); then
         echo "$name: skipped, ${limit}s left" | tee -a "$summary"
+        (( worst == 0 )) && worst=1
         return
     fi
     timeout --signal=INT --kill-after=15 "$limit" "$@" > "$out/$name.log" 2>&1
     rc=$?
+    (( rc > worst )) && worst=$rc
     local note=""
     (( rc == 124 || rc == 130 || rc == 137 )) && note=" (cut at ${limit}s)"
     echo "$name: rc=$rc $((SECONDS - t0))s$note" | tee -a "$summary"
@@ -60,11 +64,11 @@ tail -3 "$out/env.log" | tee -a "$summary"
 
 wanted install && step install 120 python3 -m pip install --no-deps --no-build-isolation -e .
 if wanted tests; then
-    step tests 240 python3 -m pytest -q -rs -p no:cacheprovider --benchmark-disable \
+    step tests 240 python3 -m pytest -q -rfEs -p no:cacheprovider --benchmark-disable \
         --junitxml="$out/tests.xml" tests/test_linear_kernels.py \
         tests/test_regularizer_kernels.py tests/test_dispatch.py tests/test_compile.py \
         tests/test_mixed_precision.py bench/test_layers.py
-    tail -1 "$out/tests.log" | sed 's/^/tests: /' | tee -a "$summary"
+    [ -e "$out/tests.log" ] && tail -1 "$out/tests.log" | sed 's/^/tests: /' | tee -a "$summary"
 fi
 for group in layers regularizer step crossover inference; do
     wanted "$group" && step "bench-$group" 300 python3 -m bench.report --only "$group" \
@@ -77,3 +81,4 @@ grep -h "^FAILED\|^ERROR" "$out/tests.log" 2>/dev/null | head -20
 for md in "$out"/results/*.md; do
     [ -e "$md" ] && { echo; cat "$md"; }
 done
+exit "$worst"

@@ -15,7 +15,8 @@ binder specializes the recorded arguments (16-byte aligned pointers, unit stride
 constants, sizes divisible by 16). Compiling with every integer left unspecialized instead
 gives a different program: runtime unit strides make every address a 64-bit multiply-add,
 and the register counts roughly double. The layer kernels are compiled for a rank equal to
-`R_PAD` (factor strides divisible by 16) and for `R_PAD - 1` (not).
+`R_PAD` (factor strides divisible by 16), `R_PAD - 8` (divisible by 8, which the kernels
+are told) and `R_PAD - 1` (neither).
 
 It measures the compiler's output, not speed: the autotuner on a GPU still picks among
 the configs kept.
@@ -160,11 +161,12 @@ def compile_backward(dtype: str, r_pad: int, cfg: triton.Config, precision: str 
     return compile_launch(L._bwd_rows_kernel, rec, cfg, PRECISION=precision)
 
 
-def _regularizer_operands(dtype: str):
-    """Factors of mixed shapes (tall, square, rank 1) in one flat buffer, with their table.
-    Built directly, not by `pack_matrices`, which reads bf16 as fp32 on CPU (for the
-    interpreter): the GPU launch reads bf16."""
-    shapes = ((2304, 256), (512, 512), (3072, 48), (5, 1))
+def _regularizer_operands(dtype: str, aligned: bool):
+    """Factors of mixed shapes (tall, square, a small rank) in one flat buffer, with their
+    table; with `aligned`, a mix `aligned_layout` accepts. Built directly, not by
+    `pack_matrices`, which reads bf16 as fp32 on CPU (for the interpreter): the GPU launch
+    reads bf16."""
+    shapes = ((2304, 256), (512, 512), (3072, 48), (5, 8 if aligned else 1))
     flat = torch.empty(sum(rows * r for rows, r in shapes), dtype=DTYPES[dtype])
     table, gram_numel = matrix_table(tuple((rows, r, False) for rows, r in shapes), flat.device)
     return flat, table, shapes, gram_numel
@@ -173,7 +175,7 @@ def _regularizer_operands(dtype: str):
 def compile_gram(dtype: str, cfg: triton.Config, precision: str = "ieee",
                  aligned: bool = False):
     """The Gram + loss kernel as `orthogonality.gram_loss` launches it."""
-    flat, table, shapes, gram_numel = _regularizer_operands(dtype)
+    flat, table, shapes, gram_numel = _regularizer_operands(dtype, aligned)
     acc = torch.float64 if dtype == "fp64" else torch.float32
     with _patched(O, "_gram_loss_tuned", _Recorder()) as rec:
         O.gram_loss(flat, table, shapes, gram_numel, acc, aligned)
@@ -183,7 +185,7 @@ def compile_gram(dtype: str, cfg: triton.Config, precision: str = "ieee",
 def compile_grad(dtype: str, cfg: triton.Config, precision: str = "ieee",
                  aligned: bool = False):
     """The gradient kernel as `orthogonality.grad` launches it."""
-    flat, table, shapes, gram_numel = _regularizer_operands(dtype)
+    flat, table, shapes, gram_numel = _regularizer_operands(dtype, aligned)
     acc = torch.float64 if dtype == "fp64" else torch.float32
     with _patched(O, "_grad_tuned", _Recorder()) as rec:
         O.grad(flat, table, shapes, torch.empty(gram_numel, dtype=acc), torch.ones((), dtype=acc),
@@ -202,7 +204,8 @@ def compile_sparsity(dtype: str, hoyer: bool):
 
 
 def layer_rows(dtype: str) -> list[dict]:
-    """Every layer-kernel config at each rank padding, compiled at ranks R_PAD and R_PAD - 1."""
+    """Every layer-kernel config at each rank padding, compiled at ranks R_PAD, R_PAD - 8
+    (a multiple of 8, not of 16) and R_PAD - 1."""
     if dtype == "fp64":
         return []  # the fused layer kernels take fp32/fp16/bf16 only
     itemsize = DTYPES[dtype].itemsize
@@ -216,7 +219,7 @@ def layer_rows(dtype: str) -> list[dict]:
             for cfg in configs:
                 fixed = {} if "BLOCK_B" in cfg.kwargs else {"BLOCK_B": block_b}
                 usages = [usage(build(dtype, r_pad, cfg, precision, rank=rank))
-                          for rank in (r_pad, r_pad - 1)]
+                          for rank in (r_pad, r_pad - 8, r_pad - 1)]
                 footprint = L.register_footprint(cfg, cfg.kwargs.get("BLOCK_B", block_b),
                                                  r_pad, itemsize, accumulators)
                 out.append(_row(kernel, dtype, r_pad, cfg, usages, footprint, **fixed))
@@ -252,8 +255,9 @@ def table(results: list[dict]) -> str:
              f"Triton {triton.__version__}, `python -m bench.kernel_resources`. Each kernel is "
              f"compiled as its launcher launches it (Triton's binder specializes the arguments: "
              f"aligned pointers, unit strides as constants, sizes divisible by 16): layer "
-             f"kernels on x ({B}, {n}) -> ({m}) at rank R_PAD and R_PAD - 1 (the two values "
-             f"in each cell; the second has factor strides not divisible by 16), "
+             f"kernels on x ({B}, {n}) -> ({m}) at ranks R_PAD, R_PAD - 8 and R_PAD - 1 (the "
+             f"three values in each cell: factor rows 16 bytes apart as Triton sees them, "
+             f"as the kernels are told for a rank that is a multiple of 8, and unaligned), "
              f"orthogonality kernels on a packed mix of factors, for any layout and for the "
              f"aligned one (`aligned_layout`: row-major, ranks multiples of 8; the two values "
              f"in each cell). footprint = fp32 values per "

@@ -133,12 +133,17 @@ def _grad_kernel(flat, table, gram, grad_out, grad, num_mats, max_rank, max_rows
                             mask=(rm[:, None] < rows) & (k[None, :] < r), other=0.0)
                 b = tl.load(gram + g_off + k[:, None] * r + rn[None, :],
                             mask=(k[:, None] < r) & (rn[None, :] < r), other=0.0)
-                # G - I in M's dtype, so a 16-bit M multiplies on the tensor cores (the sm_90
-                # PTX has wgmma); an fp32 operand compiles to fp32 FMAs (datasheet rate 67
-                # against 990 TFLOP/s). Rounding G - I to bf16 moves the bf16 gradient's
-                # error from 3e-3 to 4e-3 of its largest entry (CPU emulation).
-                acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION,
-                             out_dtype=acc_dtype)
+                if a.dtype == tl.bfloat16:
+                    # G - I in bf16, so a bf16 M multiplies on the tensor cores (the sm_90
+                    # PTX has wgmma; with an fp32 operand it has fp32 FMAs, datasheet rate
+                    # 67 against 990 TFLOP/s). It moves the bf16 gradient's error from 3e-3
+                    # to 4e-3 of its largest entry (CPU emulation). Not for fp16: Gram
+                    # entries past 65504 would overflow it.
+                    acc = tl.dot(a, b.to(tl.bfloat16), acc, input_precision=PRECISION,
+                                 out_dtype=acc_dtype)
+                else:
+                    acc = tl.dot(a.to(acc_dtype), b, acc, input_precision=PRECISION,
+                                 out_dtype=acc_dtype)
             scale = 4.0 * upstream / (r * r).to(acc_dtype)
             tl.store(grad + off + rm[:, None] * s_row + rn[None, :] * s_col,
                      (acc * scale).to(grad.dtype.element_ty),
@@ -157,7 +162,7 @@ def _configs(names: tuple[str, ...], shapes: list[tuple[int, ...]]) -> list[trit
 # among shapes that ptxas spills little for on sm_90 (none in bf16, one 96 bytes per thread
 # in fp32 with TF32: `python -m bench.kernel_resources`, bench/results/sm90-kernel-resources-
 # 2026-12-02.md); a 128-wide Gram tile, 4 warps on a 64-wide Gram or a 128-row gradient
-# tile spill 352 bytes to 1.6 KB there.
+# tile spilled 352 bytes to 1.6 KB when compiled the same way (2026-12-02; not tabled).
 # The interpreter runs one fixed config each; the tests run every GPU config through it.
 GRAM_CONFIGS = _configs(("BLOCK_R", "BLOCK_K"), [(32, 32, 4, 2), (32, 32, 8, 3), (64, 32, 8, 2),
                                                  (64, 32, 8, 3), (64, 64, 8, 2)])

@@ -34,8 +34,9 @@ _INTERPRET = interpreter_enabled()
 # fp32 values one thread may hold live (`register_footprint`) before ptxas spills. Compiling
 # every config for sm_90 as a launch specializes it (`python -m bench.kernel_resources`,
 # bench/results/sm90-kernel-resources-2026-12-02.md; bf16 and fp32, R_PAD 16/64/128, ranks
-# R_PAD and R_PAD - 1): all 4 (config, dtype, R_PAD) cases above it spilled, 24-608 bytes;
-# of the 92 at or below it, 2 backward ones at fp32 R_PAD 128 and an odd rank, 8 and 152.
+# R_PAD, R_PAD - 8 and R_PAD - 1): all 4 (config, dtype, R_PAD) cases above it spill, 136 to
+# 608 bytes per thread at their worst rank; of the 92 at or below it, 2 backward ones at
+# fp32 R_PAD 128 and an odd rank, 8 and 152.
 _REGISTER_BUDGET = 160
 
 
@@ -88,6 +89,20 @@ def _bwd_block_b(r_pad: int) -> int:
 
 
 @triton.jit
+def _aligned_rank(R, stride_um, stride_vn, ALIGNED_FACTORS: tl.constexpr):
+    """The rank and the row strides of `U` and `V`, shown to the compiler as multiples of 8
+    where the host found them so (`_rows_start_16_bytes_apart`): Triton's launch detects
+    multiples of 16 only, and a rank that is a multiple of 8 then still loads its factor
+    rows (and masks them) 16 bytes at a time. `x // 8 * 8` is `x` here; unlike
+    `tl.multiple_of`, which a kernel argument ignores, the compiler's analysis reads it."""
+    if ALIGNED_FACTORS:
+        R = R // 8 * 8
+        stride_um = stride_um // 8 * 8
+        stride_vn = stride_vn // 8 * 8
+    return R, stride_um, stride_vn
+
+
+@triton.jit
 def _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, stride_xk,
                   stride_vn, stride_vr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                   BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
@@ -105,7 +120,7 @@ def _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, s
 
 
 @triton.autotune(configs=[_FIXED_FWD] if _INTERPRET else FWD_CONFIGS,
-                 key=["B_BUCKET", "N_IN", "N_OUT", "R_PAD"],
+                 key=["B_BUCKET", "N_IN", "N_OUT", "R_PAD", "ALIGNED_FACTORS"],
                  prune_configs_by={"early_config_prune": _keep_in_registers(
                      lambda c, kw: c.kwargs["BLOCK_B"], 1)})
 @triton.jit
@@ -114,9 +129,11 @@ def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
                 stride_xb, stride_xk, stride_um, stride_ur, stride_vn, stride_vr,
                 stride_yb, stride_ym,
                 HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                ALIGNED_FACTORS: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (row blocks, column groups): each program computes `h` for its rows and writes
     one contiguous group of output tiles (several groups only when rows are few)."""
+    R, stride_um, stride_vn = _aligned_rank(R, stride_um, stride_vn, ALIGNED_FACTORS)
     rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     row_ok = rows < B
     ranks = tl.arange(0, R_PAD)
@@ -143,7 +160,7 @@ def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
 
 
 @triton.autotune(configs=[_FIXED_BWD] if _INTERPRET else BWD_CONFIGS,
-                 key=["N_IN", "N_OUT", "R_PAD"],
+                 key=["N_IN", "N_OUT", "R_PAD", "ALIGNED_FACTORS"],
                  prune_configs_by={"early_config_prune": _keep_in_registers(
                      lambda c, kw: kw["BLOCK_B"], 2)})
 @triton.jit
@@ -153,8 +170,9 @@ def _bwd_rows_kernel(x_ptr, dy_ptr, u_ptr, s_ptr, v_ptr,
                      stride_xb, stride_xk, stride_dyb, stride_dym, stride_um, stride_ur,
                      stride_vn, stride_vr,
                      COMPUTE_DX: tl.constexpr, COMPUTE_DB: tl.constexpr, R_PAD: tl.constexpr,
-                     PRECISION: tl.constexpr,
+                     PRECISION: tl.constexpr, ALIGNED_FACTORS: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    R, stride_um, stride_vn = _aligned_rank(R, stride_um, stride_vn, ALIGNED_FACTORS)
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -205,6 +223,13 @@ def _target_programs(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _rows_start_16_bytes_apart(*factors: torch.Tensor) -> bool:
+    """Whether every factor is row-major with a rank and a row stride that are multiples of
+    8 elements (16 bytes in bf16/fp16, 32 in fp32): `rank_multiple=8` pruning keeps them so."""
+    return all(t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.shape[1] % 8 == 0
+               for t in factors)
+
+
 def _rank_pad(r: int) -> int:
     if r > MAX_FUSED_RANK:
         raise ValueError(f"fused svd_linear holds rank <= {MAX_FUSED_RANK} on chip, got r={r}")
@@ -234,7 +259,8 @@ def svd_linear_fwd(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.T
                       x.stride(0), x.stride(1), U.stride(0), U.stride(1), V.stride(0), V.stride(1),
                       y.stride(0), y.stride(1),
                       HAS_BIAS=bias is not None, R_PAD=_rank_pad(r),
-                      PRECISION=dot_precision(x.dtype, x.device), **COMPILE_OPTIONS)
+                      PRECISION=dot_precision(x.dtype, x.device),
+                      ALIGNED_FACTORS=_rows_start_16_bytes_apart(U, V), **COMPILE_OPTIONS)
     return y
 
 
@@ -267,7 +293,8 @@ def svd_linear_bwd_rows(dy: torch.Tensor, x: torch.Tensor, U: torch.Tensor, s: t
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), U.stride(0), U.stride(1),
             V.stride(0), V.stride(1),
             COMPUTE_DX=need_dx, COMPUTE_DB=need_db, R_PAD=r_pad, PRECISION=dot_precision(dt, dev),
-            BLOCK_B=block_b, **COMPILE_OPTIONS)
+            ALIGNED_FACTORS=_rows_start_16_bytes_apart(U, V), BLOCK_B=block_b,
+            **COMPILE_OPTIONS)
     ds = ds_part.sum(0)[:r].to(s.dtype)
     db = db_part.sum(0).to(dt) if need_db else torch.empty(0, dtype=dt, device=dev)
     return dx, hs, gs, ds, db

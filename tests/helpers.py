@@ -54,3 +54,12 @@ def config_id(cfg) -> str:
     """Test id of a Triton config: its block sizes, warps and stages."""
     blocks = "-".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in cfg.kwargs.items())
     return f"{blocks}-w{cfg.num_warps}-s{cfg.num_stages}"
+
+
+def distinct_blocks(configs: list) -> list:
+    """The first config of each distinct block shape: the interpreter ignores warps and
+    stages, so configs differing only in those run the same program there."""
+    first: dict = {}
+    for cfg in configs:
+        first.setdefault(tuple(sorted(cfg.kwargs.items())), cfg)
+    return list(first.values())

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from svdkern import fused, reference
 from svdkern.cost import MAX_FUSED_RANK
-from helpers import compile_for_sm90, config_id
+from helpers import compile_for_sm90, config_id, distinct_blocks
 
 triton = pytest.importorskip("triton")
 from svdkern.kernels import svd_linear as L  # noqa: E402  (needs Triton)
@@ -150,25 +150,37 @@ CONFIG_SHAPES = [(133, 75, 141, 37), (20, 130, 45, MAX_FUSED_RANK), (70, 19, 33,
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="interpreter; a GPU checks the configs it tunes to")
-@pytest.mark.parametrize("cfg", L.FWD_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("cfg", distinct_blocks(L.FWD_CONFIGS), ids=config_id)
 def test_every_forward_block_shape_matches_reference(monkeypatch, cfg):
     """The autotuner may pick any of these on a GPU: each one, run alone through the
     interpreter, computes the reference (masks, tiling, column groups)."""
     monkeypatch.setattr(L._fwd_kernel, "configs", [cfg])
     for B, n, m, r in CONFIG_SHAPES:
         check_against_reference(*make_inputs(B, n, m, r, torch.float32), torch.float32)
-    assert L._fwd_kernel.best_config is cfg  # the launches really ran this config
+    assert L._fwd_kernel.best_config is cfg  # the patched list reached the launches
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="interpreter; a GPU checks the configs it tunes to")
 @pytest.mark.parametrize("block_b", [32, 64])  # the rows per program the GPU uses
-@pytest.mark.parametrize("cfg", L.BWD_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("cfg", distinct_blocks(L.BWD_CONFIGS), ids=config_id)
 def test_every_backward_block_shape_matches_reference(monkeypatch, cfg, block_b):
     monkeypatch.setattr(L._bwd_rows_kernel, "configs", [cfg])
     monkeypatch.setattr(L, "_bwd_block_b", lambda r_pad: block_b)
     for B, n, m, r in CONFIG_SHAPES:
         check_against_reference(*make_inputs(B, n, m, r, torch.float32), torch.float32)
     assert L._bwd_rows_kernel.best_config is cfg
+
+
+def test_aligned_factor_rows_are_those_of_ranks_multiple_of_8():
+    """The kernels are told the factors' rows start 16 bytes apart only when every factor is
+    row-major with a rank and a row stride that are multiples of 8."""
+    def factor(rows, r):
+        return torch.empty(rows, r)
+    assert L._rows_start_16_bytes_apart(factor(30, 56), factor(20, 56))
+    assert not L._rows_start_16_bytes_apart(factor(30, 56), factor(20, 57))
+    assert not L._rows_start_16_bytes_apart(factor(30, 56).t().contiguous().t(), factor(20, 56))
+    assert L._rows_start_16_bytes_apart(factor(30, 64)[:, :56], factor(20, 56))
+    assert not L._rows_start_16_bytes_apart(factor(30, 60)[:, :56], factor(20, 56))
 
 
 def test_backward_is_deterministic():
@@ -257,10 +269,15 @@ def test_tf32_follows_torch_matmul_precision(monkeypatch):
 @pytest.mark.parametrize("B,n,m,r", [(4096, 1024, 1024, 16), (4097, 1000, 4000, 100),
                                      (8, 64, 64, 1)])
 def test_autotuned_configs_match_reference(monkeypatch, B, n, m, r):
-    """The test session runs untuned (conftest); here every shape key tunes anew and the
-    chosen config must still be correct."""
+    """The test session runs untuned (conftest); here, with the tuners' caches emptied
+    (an untuned choice is cached per shape key), every config is timed and the chosen one
+    must still be correct."""
     monkeypatch.setenv("SVDKERN_AUTOTUNE", "1")
+    for kernel in (L._fwd_kernel, L._bwd_rows_kernel):
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setattr(kernel, "configs_timings", {}, raising=False)
     check_against_reference(*make_inputs(B, n, m, r, torch.float16), torch.float16)
+    assert len(L._fwd_kernel.configs_timings) > 1 and len(L._bwd_rows_kernel.configs_timings) > 1
 
 
 @cuda_only
@@ -353,7 +370,8 @@ def test_untuned_kernels_take_the_first_fitting_config(monkeypatch, switch):
 
 LAYER_KERNELS_FOR_SM90 = """
 import torch
-from bench.kernel_resources import compile_backward, compile_forward, matrix_instructions
+from bench.kernel_resources import (compile_backward, compile_forward, matrix_instructions,
+                                    wide_load_share)
 from svdkern.kernels import svd_linear as L
 
 def first_kept(kernel, configs, dtype, r_pad, **kwargs):
@@ -376,6 +394,10 @@ for name, dtype, precision in (("fp32", torch.float32, "ieee"), ("fp32", torch.f
 both("bf16", torch.bfloat16, "ieee", 16, flag=False)  # no bias; no dx, no db
 both("bf16", torch.bfloat16, "ieee", 128)  # the on-chip rank cap
 both("bf16", torch.bfloat16, "ieee", 128, rank=117)  # factor strides not divisible by 16
+# a rank that is a multiple of 8 loads its factors as wide as one of 16; an odd one cannot
+cfg = L.FWD_CONFIGS[0]
+wide = {r: wide_load_share(compile_forward("bf16", 128, cfg, rank=r)) for r in (128, 120, 127)}
+assert wide[120] == wide[128] > 2 * wide[127], wide
 both("fp32", torch.float32, "tf32", 128)
 print("compiled")
 """
