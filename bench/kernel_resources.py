@@ -41,7 +41,7 @@ from svdkern.backend import interpreter_enabled
 from svdkern.kernels import orthogonality as O
 from svdkern.kernels import sparsity as S
 from svdkern.kernels import svd_linear as L
-from svdkern.regularizer_ops import matrix_table, segment_offsets
+from svdkern.regularizer_ops import _acc_dtype, matrix_table, segment_offsets
 
 if interpreter_enabled():  # the kernels would hold the interpreter's single config
     raise RuntimeError("bench.kernel_resources compiles for a GPU: run it without "
@@ -176,7 +176,7 @@ def compile_gram(dtype: str, cfg: triton.Config, precision: str = "ieee",
                  aligned: bool = False):
     """The Gram + loss kernel as `orthogonality.gram_loss` launches it."""
     flat, table, shapes, gram_numel = _regularizer_operands(dtype, aligned)
-    acc = torch.float64 if dtype == "fp64" else torch.float32
+    acc = _acc_dtype(DTYPES[dtype])
     with _patched(O, "_gram_loss_tuned", _Recorder()) as rec:
         O.gram_loss(flat, table, shapes, gram_numel, acc, aligned)
     return compile_launch(O._gram_loss_tuned, rec, cfg, PRECISION=precision)
@@ -186,7 +186,7 @@ def compile_grad(dtype: str, cfg: triton.Config, precision: str = "ieee",
                  aligned: bool = False):
     """The gradient kernel as `orthogonality.grad` launches it."""
     flat, table, shapes, gram_numel = _regularizer_operands(dtype, aligned)
-    acc = torch.float64 if dtype == "fp64" else torch.float32
+    acc = _acc_dtype(DTYPES[dtype])
     with _patched(O, "_grad_tuned", _Recorder()) as rec:
         O.grad(flat, table, shapes, torch.empty(gram_numel, dtype=acc), torch.ones((), dtype=acc),
                aligned)
@@ -197,7 +197,7 @@ def compile_sparsity(dtype: str, hoyer: bool):
     """The segmented L1 / Hoyer kernel as `sparsity.loss_and_grad` launches it."""
     lengths = (256, 48, 1, 300)
     flat = torch.empty(sum(lengths), dtype=DTYPES[dtype])
-    acc = torch.float64 if dtype == "fp64" else torch.float32
+    acc = _acc_dtype(DTYPES[dtype])
     with _patched(S, "_sparsity_kernel", _Recorder()) as rec:
         S.loss_and_grad(flat, segment_offsets(lengths, flat.device), len(lengths), hoyer, acc)
     return compile_launch(S._sparsity_kernel, rec)

@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .layers import SVDLayer, svd_layers
-from .reference import kept_rank
+from .reference import check_rank_multiple, kept_rank
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,7 @@ def plan(model: nn.Module, energy: float,
     pruning decides on one rank and applies everywhere."""
     if not (isinstance(energy, (int, float)) and 0 <= energy < 1):
         raise ValueError(f"prune: energy must be in [0, 1), got {energy!r}")
-    if not (isinstance(rank_multiple, int) and rank_multiple >= 1):
-        raise ValueError(f"prune: rank_multiple must be an integer >= 1, got {rank_multiple!r}")
+    check_rank_multiple("prune", rank_multiple)
     layers = svd_layers(model)
     if not layers:
         raise ValueError("prune: the model has no SVD layers (call svdkern.decompose first)")

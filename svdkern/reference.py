@@ -182,6 +182,12 @@ def energy_keep_count(s: Tensor, energy: float) -> int:
     return max(1, e2.numel() - removable)
 
 
+def check_rank_multiple(who: str, rank_multiple) -> None:
+    """A ValueError naming `who` unless `rank_multiple` is an integer >= 1."""
+    if not (isinstance(rank_multiple, int) and rank_multiple >= 1):
+        raise ValueError(f"{who}: rank_multiple must be an integer >= 1, got {rank_multiple!r}")
+
+
 def kept_rank(s: Tensor, energy: float, rank_multiple: int = 1) -> int:
     """Rank a layer keeps: the largest `energy_keep_count` of its groups `s` (g, r), rounded
     up to a multiple of `rank_multiple` (at most r), so every group keeps the same rank."""

@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .pruning import PruneRecord, prune
+from .reference import check_rank_multiple
 from .regularizers import SVDRegularizer
 
 
@@ -33,9 +34,7 @@ class SVDTraining:
                  sparsity_start: int = 0, rank_multiple: int = 1) -> None:
         if not (0 <= energy < 1):
             raise ValueError(f"SVDTraining: energy must be in [0, 1), got {energy!r}")
-        if not (isinstance(rank_multiple, int) and rank_multiple >= 1):
-            raise ValueError(f"SVDTraining: rank_multiple must be an integer >= 1, "
-                             f"got {rank_multiple!r}")
+        check_rank_multiple("SVDTraining", rank_multiple)
         if prune_epoch is not None and prune_epoch < sparsity_start:
             raise ValueError(f"SVDTraining: prune_epoch {prune_epoch} comes before "
                              f"sparsity_start {sparsity_start}")

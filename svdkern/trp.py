@@ -19,7 +19,8 @@ from torch.nn.modules.utils import _pair
 
 from .convert import set_submodule
 from .layers import SVDConv2d, SVDLinear, _explicit_padding
-from .reference import SCHEMES, ConvSpec, conv_matrix_to_weight, conv_weight_to_matrix, kept_rank
+from .reference import (SCHEMES, ConvSpec, check_rank_multiple, conv_matrix_to_weight,
+                        conv_weight_to_matrix, kept_rank)
 
 
 class TRP:
@@ -47,8 +48,7 @@ class TRP:
             raise ValueError(f"TRP: period must be an integer >= 1, got {period!r}")
         if scheme not in SCHEMES:
             raise ValueError(f"TRP: unknown scheme {scheme!r}; expected one of {SCHEMES}")
-        if not (isinstance(rank_multiple, int) and rank_multiple >= 1):
-            raise ValueError(f"TRP: rank_multiple must be an integer >= 1, got {rank_multiple!r}")
+        check_rank_multiple("TRP", rank_multiple)
         skipped = {skip} if isinstance(skip, str) else set(skip)
         self.layers = {name: m for name, m in model.named_modules()
                        if isinstance(m, (nn.Linear, nn.Conv2d)) and name not in skipped}
