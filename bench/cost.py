@@ -1,4 +1,4 @@
-"""FLOP and byte counts of the benchmarked work (SPEC section 3), for TFLOP/s, GB/s and the
+"""FLOP and byte counts of the benchmarked work (docs/SPEC.md section 3), for TFLOP/s, GB/s and the
 roofline floor. Counts are forward + backward unless a name says otherwise.
 
 Linear layer `x (B, n) -> y (B, m)` at rank r:

@@ -297,7 +297,7 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", choices=("bf16", "fp16", "fp32", "fp64"),
                         default=["bf16", "fp32"], help="fp64: orthogonality kernels only")
     parser.add_argument("--kernels", nargs="+", choices=("layers", "orthogonality"),

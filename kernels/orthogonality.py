@@ -1,7 +1,7 @@
 """Grouped orthogonality penalty over every `U` and `V` of a model in two launches.
 
 For each matrix `M` (rows x r) of a group: loss `sum ||M^T M - I||_F^2 / r^2` and gradient
-`4 M (M^T M - I) / r^2` (SPEC section 1). The matrices have different shapes, so, as in
+`4 M (M^T M - I) / r^2` (docs/SPEC.md section 1). The matrices have different shapes, so, as in
 Triton's grouped-GEMM tutorial, one persistent grid walks the tiles of all problems; each
 program steps through the problem table in order, so finding a tile's problem costs nothing.
 The interpreter cannot load pointers from memory, so the matrices live in ONE flat buffer
@@ -136,8 +136,9 @@ def _grad_kernel(flat, table, gram, grad_out, grad, num_mats, max_rank, max_rows
                 if a.dtype == tl.bfloat16:
                     # G - I in bf16, so a bf16 M multiplies on the tensor cores (the sm_90
                     # PTX has wgmma; with an fp32 operand it has fp32 FMAs, datasheet rate
-                    # 67 against 990 TFLOP/s). It moves the bf16 gradient's error from 3e-3
-                    # to 4e-3 of its largest entry (CPU emulation). Not for fp16: Gram
+                    # 67 against 990 TFLOP/s). It moves the bf16 gradient's error from
+                    # 2.1-2.8e-3 to 2.6-3.3e-3 of its largest entry on five shapes (CPU
+                    # emulation: test_bf16_rounding_of_gram_emulated). Not for fp16: Gram
                     # entries past 65504 would overflow it.
                     acc = tl.dot(a, b.to(tl.bfloat16), acc, input_precision=PRECISION,
                                  out_dtype=acc_dtype)
@@ -162,7 +163,7 @@ def _configs(names: tuple[str, ...], shapes: list[tuple[int, ...]]) -> list[trit
 # among shapes that ptxas spills little for on sm_90 (none in bf16, one 96 bytes per thread
 # in fp32 with TF32: `python -m bench.kernel_resources`, bench/results/sm90-kernel-resources-
 # 2026-12-02.md); a 128-wide Gram tile, 4 warps on a 64-wide Gram or a 128-row gradient
-# tile spilled 352 bytes to 1.6 KB when compiled the same way (2026-12-02; not tabled).
+# tile spilled when compiled the same way (2026-12-02, by hand; not tabled).
 # The interpreter runs one fixed config each; the tests run every GPU config through it.
 GRAM_CONFIGS = _configs(("BLOCK_R", "BLOCK_K"), [(32, 32, 4, 2), (32, 32, 8, 3), (64, 32, 8, 2),
                                                  (64, 32, 8, 3), (64, 64, 8, 2)])
@@ -172,7 +173,7 @@ GRAD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"),
 _FIXED_GRAM = _configs(("BLOCK_R", "BLOCK_K"), [(32, 32, 4, 1)])
 _FIXED_GRAD = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [(32, 32, 32, 4, 1)])
 
-_TUNING = dict(key=["num_mats", "max_rank", "max_rows", "ALIGNED"], prune_configs_by={
+_TUNING = dict(key=["num_mats", "max_rank", "max_rows", "ALIGNED", "PRECISION"], prune_configs_by={
     "early_config_prune": lambda configs, named_args, **kwargs: tuning_choices(configs)})
 _gram_loss_tuned = triton.autotune(_FIXED_GRAM if _INTERPRET else GRAM_CONFIGS,
                                    reset_to_zero=["partials"], **_TUNING)(_gram_loss_kernel)

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the SVD linear layer `y = x V diag(s) U^T + b` (SPEC section 3).
+"""Fused Triton kernels for the SVD linear layer `y = x V diag(s) U^T + b` (docs/SPEC.md section 3).
 
 Forward: a program owns `BLOCK_B` rows of `x`; it computes `h = x V` for the whole rank
 (padded to `R_PAD`, a power of two >= 16, masked), keeps it in registers, scales it by `s`
@@ -120,7 +120,8 @@ def _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, s
 
 
 @triton.autotune(configs=[_FIXED_FWD] if _INTERPRET else FWD_CONFIGS,
-                 key=["B_BUCKET", "N_IN", "N_OUT", "R_PAD", "ALIGNED_FACTORS"],
+                 key=["B_BUCKET", "N_IN", "N_OUT", "R_PAD", "ALIGNED_FACTORS", "HAS_BIAS",
+                      "PRECISION"],
                  prune_configs_by={"early_config_prune": _keep_in_registers(
                      lambda c, kw: c.kwargs["BLOCK_B"], 1)})
 @triton.jit
@@ -160,7 +161,8 @@ def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
 
 
 @triton.autotune(configs=[_FIXED_BWD] if _INTERPRET else BWD_CONFIGS,
-                 key=["N_IN", "N_OUT", "R_PAD", "ALIGNED_FACTORS"],
+                 key=["N_IN", "N_OUT", "R_PAD", "ALIGNED_FACTORS", "COMPUTE_DX", "COMPUTE_DB",
+                      "PRECISION"],
                  prune_configs_by={"early_config_prune": _keep_in_registers(
                      lambda c, kw: kw["BLOCK_B"], 2)})
 @triton.jit

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default adam (svd, truncate; the paper), sgd (trp; its code)")
         p.add_argument("--lr", type=float,
                        help="default 1e-3 for adam, 0.1 for sgd (compare: every method run)")
-        p.add_argument("--weight-decay", type=float, help="default 0 (adam), 1e-4 (sgd)")
+        p.add_argument("--weight-decay", type=float,
+                       help="default 0 (svd, truncate), 1e-4 (trp; its code), whatever --optimizer")
         p.add_argument("--lambda-o", type=float, default=1.0, help="orthogonality weight")
         p.add_argument("--lambda-s", type=float,
                        help="sparsity weight (default 0.07 hoyer, 0.3 l1)")

@@ -1,4 +1,4 @@
-"""FLOP cost model that picks how an SVD layer runs (SPEC section 3).
+"""FLOP cost model that picks how an SVD layer runs (docs/SPEC.md section 3).
 
 Two ways compute `y = x V diag(s) U^T + b`:
 - chain: `x V`, scale by `s`, `* U^T`: `2 B r (n + m)` FLOPs (for a conv, the two thin convs);

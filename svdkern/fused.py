@@ -78,16 +78,41 @@ def svd_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Optional[Tensor
     """Fused `y = x V diag(s) U^T + b` for `x` (..., n) of any strides.
 
     Under `torch.autocast` every operand is cast to the autocast dtype (like `nn.Linear`):
-    the kernel then runs in that dtype with fp32 accumulation.
+    the kernel then runs in that dtype with fp32 accumulation. A bias of another dtype is
+    cast to `x`'s, as the reference chain does. On CPU (the interpreter, which has no bf16,
+    docs/SPEC.md section 4) bf16 operands are read as fp32 and the result rounded back to bf16.
     """
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, U, s, V = (t.to(dt) for t in (x, U, s, V))
-        bias = None if bias is None else bias.to(dt)
-    dtypes = {t.dtype for t in (x, U, s, V, bias) if t is not None}
-    if len(dtypes) != 1 or x.dtype not in FUSED_DTYPES:
-        raise TypeError(f"fused svd_linear needs one dtype among {FUSED_DTYPES} for x, U, s, V "
-                        f"and bias, got {sorted(map(str, dtypes))}")
+    _check_operands(x, U, s, V, bias)
+    bias = None if bias is None else bias.to(x.dtype)
+    out_dtype = x.dtype
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        x, U, s, V = (t.float() for t in (x, U, s, V))
+        bias = None if bias is None else bias.float()
     lead = x.shape[:-1]
-    y = svd_linear_fwd(x.reshape(-1, x.shape[-1]), U, s, V, bias)
-    return y.reshape(*lead, U.shape[0])
+    y = svd_linear_fwd(x.reshape(lead.numel(), x.shape[-1]), U, s, V, bias)
+    return y.reshape(*lead, U.shape[0]).to(out_dtype)
+
+
+def _check_operands(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Optional[Tensor]) -> None:
+    """The kernel reads its sizes from `x` and `U` alone, so operands that disagree would be
+    read out of bounds: refuse them, naming the mismatch."""
+    dtypes = {t.dtype for t in (x, U, s, V)}
+    if len(dtypes) != 1 or x.dtype not in FUSED_DTYPES:
+        raise TypeError(f"fused svd_linear needs one dtype among {FUSED_DTYPES} for x, U, s and "
+                        f"V, got {sorted(map(str, dtypes))}")
+    if x.dim() == 0 or U.dim() != 2:
+        raise ValueError(f"fused svd_linear: x must be (..., in_features) and U (out_features, "
+                         f"rank), got x {tuple(x.shape)}, U {tuple(U.shape)}")
+    (m, r), n = U.shape, x.shape[-1]
+    wanted = {"V": (V, (n, r)), "s": (s, (r,)), "bias": (bias, (m,))}
+    problems = [f"{name} is {tuple(t.shape)}, expected {shape}"
+                for name, (t, shape) in wanted.items() if t is not None and t.shape != shape]
+    devices = {str(t.device) for t in (x, U, s, V, bias) if t is not None}
+    if len(devices) > 1:
+        problems.append(f"operands are on several devices {sorted(devices)}")
+    if problems:
+        raise ValueError(f"fused svd_linear (x {tuple(x.shape)}, U {tuple(U.shape)}): "
+                         + "; ".join(problems))

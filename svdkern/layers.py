@@ -98,7 +98,7 @@ class SVDLayer(nn.Module):
         return self.U.numel() + self.s.numel() + self.V.numel() + _numel(self.bias)
 
     def worth_factorizing(self) -> bool:
-        """SPEC rule: keep factorized only while `r (m + n) < m n`."""
+        """docs/SPEC.md rule: keep factorized only while `r (m + n) < m n`."""
         rows, cols = self.matrix_shape
         return self.rank * (rows + cols) < rows * cols
 

@@ -43,7 +43,7 @@ def _linear_plan(x: Tensor, U: Tensor, V: Tensor) -> tuple[str, str, int, int]:
     """(path, reason, chain FLOPs, materialized FLOPs) of `svd_linear` for these shapes."""
     n, r = V.shape
     m = U.shape[0]
-    chain, mat = cost.linear_flops(x.numel() // n, n, m, r)
+    chain, mat = cost.linear_flops(x.shape[:-1].numel(), n, m, r)
     requested = backend.requested()
     if requested == "reference":
         return "chain", "SVDKERN_BACKEND=reference", chain, mat

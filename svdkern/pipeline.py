@@ -1,9 +1,9 @@
 """The three compression methods of the training CLI, run on the same data and budget:
 
-- "svd": SVD training (SPEC section 1): train in SVD form with the orthogonality term
+- "svd": SVD training (docs/SPEC.md section 1): train in SVD form with the orthogonality term
   (alone for the first `sparsity_start` epochs, the paper's stage 1), then with the
   sparsity term added, prune by the energy rule, fine-tune with sparsity off, ortho kept;
-- "trp": TRP (SPEC section 2): dense training with the nuclear subgradient and periodic
+- "trp": TRP (docs/SPEC.md section 2): dense training with the nuclear subgradient and periodic
   truncation, exported at the last truncation's ranks, no fine-tuning;
 - "truncate": post-hoc baseline: train dense, truncate each layer's SVD by the energy rule,
   fine-tune.

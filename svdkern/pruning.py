@@ -24,7 +24,7 @@ class PruneRecord:
 
 def prune(model: nn.Module, energy: float, optimizer: torch.optim.Optimizer | None = None,
           rank_multiple: int = 1) -> list[PruneRecord]:
-    """Prune every SVD layer of `model` in place by the energy rule (SPEC section 1):
+    """Prune every SVD layer of `model` in place by the energy rule (docs/SPEC.md section 1):
     drop the smallest `s_j^2` while the dropped energy is `<= energy * sum s_j^2`, keeping at
     least rank 1. Grouped convs keep, in every group, the largest rank any group needs.
     `rank_multiple` rounds each kept rank up to a multiple of it (at most the full rank),

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference maths of SVD training (SPEC sections 1 and 3).
+"""Pure-PyTorch reference maths of SVD training (docs/SPEC.md sections 1 and 3).
 
 This module is the ground truth: every Triton kernel is tested against it, and it is the
 path that runs anywhere (CPU, no Triton). Each formula lives here once; layers, export,
@@ -123,7 +123,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, padding_
 
 def svd_conv2d(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
                spec: ConvSpec) -> Tensor:
-    """Factorized conv as the chain of two thin convs (SPEC section 1, layer forms)."""
+    """Factorized conv as the chain of two thin convs (docs/SPEC.md section 1, layer forms)."""
     first, second = conv_chain_weights(U, s, V, spec)
     geo1, geo2 = conv_chain_geometry(spec)
     h = conv2d(x, first, None, spec.groups, spec.padding_mode, **geo1)

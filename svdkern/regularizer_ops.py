@@ -11,15 +11,19 @@ transposing copy before the cat) and are addressed through their strides.
 
 The int64 table the kernels read (offsets, shapes, strides) is cached per device, keyed by
 the shapes and layouts, so a step reuses it and a change of ranks (pruning) builds a new one.
+A cached table must be an ordinary tensor: it is built outside inference mode (an inference
+tensor cannot be saved for a later backward), and not cached while tracing (non-strict
+`torch.export` would cache a FakeTensor for eager calls to reuse).
 """
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import Tensor
 
+T = TypeVar("T")
 MatrixKey = tuple[tuple[int, int, bool], ...]  # (rows, r, column-major) per matrix
 
 
@@ -46,8 +50,23 @@ def _common(name: str, tensors: Sequence[Tensor]) -> tuple[torch.device, torch.d
     return device, dtype
 
 
+def _reused_across_steps(build: Callable[..., T]) -> Callable[..., T]:
+    """`build(key, device)` memoized for eager calls (see the module docstring for why
+    tracing bypasses the cache and why it is filled outside inference mode)."""
+    cached = functools.lru_cache(maxsize=32)(build)
+
+    @functools.wraps(build)
+    def get(*args):
+        if torch.compiler.is_compiling():
+            return build(*args)
+        with torch.inference_mode(False):
+            return cached(*args)
+    get.cache_clear, get.cache_info = cached.cache_clear, cached.cache_info
+    return get
+
+
 # ----------------------------------------------------------------------- orthogonality
-@functools.lru_cache(maxsize=32)
+@_reused_across_steps
 def matrix_table(key: MatrixKey, device: torch.device) -> tuple[Tensor, int]:
     """(int64 table on `device`, Gram buffer size) for matrices of the given layouts; rows
     follow `kernels.orthogonality.TABLE_COLS`. Cached: rebuilt only when shapes change."""
@@ -141,7 +160,7 @@ def orthogonality_loss(mats: Sequence[Tensor]) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- sparsity
-@functools.lru_cache(maxsize=32)
+@_reused_across_steps
 def segment_offsets(lengths: tuple[int, ...], device: torch.device) -> Tensor:
     """int64 segment boundaries (len + 1 entries) on `device`; cached per lengths."""
     bounds = [0]

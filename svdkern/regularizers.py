@@ -15,7 +15,7 @@ SPARSITY = {"hoyer": ops.hoyer_loss, "l1": ops.l1_loss, None: None}
 
 class SVDRegularizer:
     """Calling it returns `ortho * sum L_o(U, V) + strength * sum L_s(s)` over every SVD
-    layer of `model` (SPEC section 1), a differentiable scalar to add to the task loss.
+    layer of `model` (docs/SPEC.md section 1), a differentiable scalar to add to the task loss.
 
     Layers are looked up at each call, so the regularizer follows pruning. `sparsity` may be
     set to None later (fine-tuning) but a regularizer that adds nothing is an error.

@@ -3,7 +3,7 @@
 It makes no assumption about the optimizer, scheduler or data loader: the loop adds
 `penalty()` to its loss and calls `on_epoch_start(epoch)`; the callback switches the
 sparsity term on at `sparsity_start`, prunes at `prune_epoch` and then fine-tunes
-(sparsity off, orthogonality kept), as in SPEC section 1's pipeline.
+(sparsity off, orthogonality kept), as in docs/SPEC.md section 1's pipeline.
 """
 from __future__ import annotations
 

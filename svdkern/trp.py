@@ -1,4 +1,4 @@
-"""TRP, Trained Rank Pruning (Xu et al.; SPEC section 2): dense layers, a nuclear-norm
+"""TRP, Trained Rank Pruning (Xu et al.; docs/SPEC.md section 2): dense layers, a nuclear-norm
 subgradient added to their gradients, and a periodic truncation of every weight to the rank
 the energy rule keeps. The network is exported at the ranks of the last truncation.
 

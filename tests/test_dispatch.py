@@ -61,6 +61,17 @@ def test_auto_picks_the_cheaper_path(n, m, r, rows, expected):
     assert "FLOPs" in str(plan)
 
 
+@pytest.mark.parametrize("name", ["reference", "auto", "triton"])
+def test_zero_input_features_give_the_bias_like_nn_linear(name):
+    """`nn.Linear(0, m)` returns its bias; so must the dispatch (it divided by n)."""
+    x, U, s, V = factors(0, 5, 1, rows=3, dtype=torch.float32)
+    bias = torch.randn(5, device=DEVICE)
+    with backend.use(name):
+        assert ops.explain(x, U, s, V).chain_flops == 2 * 3 * 1 * 5  # the U GEMM alone
+        y = ops.svd_linear(x, U, s, V, bias)
+    assert torch.equal(y, bias.expand(3, 5))
+
+
 def test_reference_backend_always_runs_the_chain():
     x, U, s, V = factors(64, 64, 64, 1000, dtype=torch.float32)
     with backend.use("reference"):

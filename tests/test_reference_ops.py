@@ -1,4 +1,4 @@
-"""gradcheck of every reference op in float64, and the SPEC's closed-form gradients."""
+"""gradcheck of every reference op in float64, and the docs/SPEC.md's closed-form gradients."""
 import pytest
 import torch
 from torch.autograd import gradcheck
