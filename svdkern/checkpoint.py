@@ -59,8 +59,8 @@ def load(model: nn.Module, path: str | os.PathLike, map_location="cpu", *,
     if optimizer is not None:
         check_optimizer_compatible(model, state, optimizer, payload["optimizer"],
                                    payload.get("optimizer_type"))
-    if regularizer is not None:  # the constructor validates the settings, changing nothing
-        type(regularizer)(regularizer.model, **payload["regularizer"])
+    if regularizer is not None:
+        type(regularizer).check_settings(**payload["regularizer"])
     if restore_rng:
         check_rng_state(payload["rng"])
     model.load_state_dict(state, strict=True)

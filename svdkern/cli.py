@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from .data import DATASETS, load_dataset
 from .models import MODELS
@@ -80,8 +80,10 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        energies = [args.energy] if args.command == "train" else args.energies
         for method in [args.method] if args.command == "train" else args.methods:
-            _config(args, method).resolved()  # bad settings: a clear error before any work
+            for energy in energies:  # bad settings: a clear error before any work
+                replace(_config(args, method), energy=energy).resolved()
         data = load_dataset(args.data, args.data_dir)
         if args.train_samples is not None:
             data = data.head(args.train_samples)
@@ -117,9 +119,6 @@ def train(args: argparse.Namespace, data, progress: bool) -> dict:
 
 
 def compare(args: argparse.Namespace, data, progress: bool) -> dict:
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad:
-        raise SystemExit(f"svdkern: error: unknown method(s) {bad}; expected {METHODS}")
     dense = dense_baseline(_config(args, "truncate"), data, progress)
     results = []
     for method in args.methods:

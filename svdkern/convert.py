@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch.nn as nn
 
@@ -21,10 +21,9 @@ def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (
     """
     if scheme not in SCHEMES:
         raise ValueError(f"decompose: unknown scheme {scheme!r}; expected one of {SCHEMES}")
-    patterns = [skip] if isinstance(skip, str) else list(skip)
-    replacements = {}
+    replacements, is_skipped = {}, skip_matcher(skip)
     for name, module in model.named_modules():
-        if isinstance(module, SVDLayer) or any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        if isinstance(module, SVDLayer) or is_skipped(name):
             continue
         label = name or type(module).__name__
         try:
@@ -39,6 +38,12 @@ def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (
     for name, new in replacements.items():
         set_submodule(model, name, new)
     return model
+
+
+def skip_matcher(skip: str | Iterable[str]) -> Callable[[str], bool]:
+    """Whether a module name matches `skip`: one or several names or glob patterns."""
+    patterns = [skip] if isinstance(skip, str) else list(skip)
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -286,16 +286,32 @@ def _explicit_padding(name: str, padding, kernel, dilation, stride) -> tuple[int
     return _pair(padding)
 
 
+_TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+
+
 def _replace_data(param: nn.Parameter, value: Tensor) -> None:
     """Give `param` new data of any shape while keeping the Python object (optimizers and
     hooks hold it). `swap_tensors` also renews autograd's cached gradient accumulator, which a
     plain `param.data = value` keeps at the old shape while an old graph is alive; it refuses
-    when other C++ references to the tensor exist, and then the plain assignment is used."""
+    when other C++ references to the tensor exist, and then the plain assignment is used.
+    `swap_tensors` hands the Python attributes to the discarded tensor and leaves the hooks
+    registered on the old data: both are given back to `param`."""
+    fresh = nn.Parameter(value, requires_grad=param.requires_grad)
+    hooks = {name: getattr(param, name) for name in _TENSOR_HOOKS}
     try:
-        torch.utils.swap_tensors(param, nn.Parameter(value, requires_grad=param.requires_grad))
+        torch.utils.swap_tensors(param, fresh)
     except RuntimeError:
+        # `param.data = ...` drops autograd's cached accumulator only on a change of dtype or
+        # device, not of shape: pass through another dtype so a graph alive now (a forward
+        # not yet back-propagated) cannot hand the next backward an accumulator of the old
+        # shape
+        param.data = value.to(torch.float32 if value.dtype == torch.float64 else torch.float64)
         param.data = value
         param.grad = None
+        return
+    param.__dict__ = fresh.__dict__
+    for name, registered in hooks.items():
+        setattr(param, name, registered)  # re-registers them on the new data
 
 
 def _check_finite(name: str, what: str, t: Tensor) -> None:

@@ -32,6 +32,7 @@ from .data import Dataset, batches
 from .layers import svd_layers
 from .models import build_model
 from .pruning import prune
+from .reference import check_energy, check_rank_multiple
 from .report import summary
 from .trainer import SVDTraining
 from .trp import TRP
@@ -76,10 +77,12 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
         if self.sparsity not in SPARSITY_STRENGTH:
             raise ValueError(f"unknown sparsity {self.sparsity!r}; expected hoyer or l1")
-        if not 0 <= self.energy < 1:
-            raise ValueError(f"energy must be in [0, 1), got {self.energy}")
-        if self.rank_multiple < 1:
-            raise ValueError(f"rank_multiple must be >= 1, got {self.rank_multiple}")
+        check_energy(self.method, self.energy)
+        check_rank_multiple(self.method, self.rank_multiple)
+        for name, ok, bound in _BOUNDS:
+            value = getattr(self, name)
+            if value is not None and not ok(value):  # NaN fails every bound
+                raise ValueError(f"{self.method}: {name} must be {bound}, got {value}")
         sgd = self.method == "trp"
         optimizer = self.optimizer or ("sgd" if sgd else "adam")
         epochs = self.epochs if self.epochs is not None else (20 if self.data == "digits" else 164)
@@ -93,11 +96,19 @@ class TrainConfig:
                              f"pruning), got {self.sparsity_start}")
         return replace(
             self, epochs=epochs, finetune_epochs=ft,
-            batch_size=self.batch_size or (128 if sgd else 100),
+            batch_size=self.batch_size if self.batch_size is not None else (128 if sgd else 100),
             optimizer=optimizer,
             lr=self.lr if self.lr is not None else (0.1 if optimizer == "sgd" else 1e-3),
             weight_decay=self.weight_decay if self.weight_decay is not None else (1e-4 if sgd else 0.0),
             lambda_s=self.lambda_s if self.lambda_s is not None else SPARSITY_STRENGTH[self.sparsity])
+
+
+# Settings with a valid range (None: the method's default), checked by `resolved`.
+_BOUNDS = (("batch_size", lambda v: v >= 1, ">= 1"), ("lr", lambda v: v > 0, "> 0"),
+           ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+           ("weight_decay", lambda v: v >= 0, ">= 0"), ("lambda_o", lambda v: v >= 0, ">= 0"),
+           ("lambda_s", lambda v: v >= 0, ">= 0"), ("nuclear", lambda v: v >= 0, ">= 0"),
+           ("trp_period", lambda v: v >= 1, ">= 1"))
 
 
 class Run:

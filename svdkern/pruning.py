@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .layers import SVDLayer, svd_layers
-from .reference import check_rank_multiple, kept_rank
+from .reference import check_energy, check_rank_multiple, kept_rank
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,7 @@ def plan(model: nn.Module, energy: float,
     """Validate `model`, `energy` and `rank_multiple` and decide, per SVD layer, the kept rank
     indices (g, k); nothing is changed. `prune` is `apply_plan(plan(...))`; distributed
     pruning decides on one rank and applies everywhere."""
-    if not (isinstance(energy, (int, float)) and 0 <= energy < 1):
-        raise ValueError(f"prune: energy must be in [0, 1), got {energy!r}")
+    energy = check_energy("prune", energy)
     check_rank_multiple("prune", rank_multiple)
     layers = svd_layers(model)
     if not layers:
@@ -60,6 +59,9 @@ def plan(model: nn.Module, energy: float,
 def apply_plan(plans: list[tuple[str, SVDLayer, Tensor]],
                optimizer: torch.optim.Optimizer | None = None) -> list[PruneRecord]:
     """Shrink each planned layer (and `optimizer`'s state) to its kept ranks."""
+    if optimizer is not None:
+        for name, layer, _ in plans:
+            _check_sliceable_state(name, layer, optimizer)
     records = []
     for name, layer, index in plans:
         records.append(_record(name, layer, index))
@@ -80,6 +82,21 @@ def _record(name: str, layer: SVDLayer, index: Tensor) -> PruneRecord:
     total = s.pow(2).sum()
     return PruneRecord(name, layer.matrix_shape, layer.rank, index.shape[-1],
                        float(kept / total) if total > 0 else 1.0)
+
+
+def _check_sliceable_state(name: str, layer: SVDLayer, optimizer: torch.optim.Optimizer) -> None:
+    """Pruning slices optimizer state shaped like its parameter (Adam's moments, momentum)
+    and keeps scalars (step counts); any other tensor (Adafactor's row and column factors)
+    has no rank axis it can slice, and left alone it would break the next step."""
+    for pname in ("U", "s", "V"):
+        param = getattr(layer, pname)
+        for key, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
+                raise ValueError(
+                    f"prune: {type(optimizer).__name__} state {key!r} of layer {name or '<root>'}"
+                    f" {pname} has shape {tuple(value.shape)}, neither the parameter's "
+                    f"{tuple(param.shape)} nor a scalar, so it cannot be cut to the kept ranks; "
+                    "prune without optimizer= and build the optimizer again")
 
 
 def _apply(layer: SVDLayer, index: Tensor, optimizer: torch.optim.Optimizer | None) -> None:

@@ -6,6 +6,7 @@ pruning and the kernels' tests all call these functions rather than re-deriving 
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -97,8 +98,22 @@ def conv_chain_weights(U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec) -> tuple
         second = Us.reshape(g * n_g, r, 1, 1)
     else:
         first = V.transpose(1, 2).reshape(g * r, c_g, kh, 1)
-        second = Us.reshape(g, n_g, kw, r).permute(0, 1, 3, 2).reshape(g * n_g, r, 1, kw)
+        # contiguous: CPU Inductor (torch 2.13) computed grouped convs with the permuted view
+        # wrong at every rank below full (tests/test_compile.py checks it)
+        second = (Us.reshape(g, n_g, kw, r).permute(0, 1, 3, 2).reshape(g * n_g, r, 1, kw)
+                  .contiguous())
     return first, second
+
+
+def conv_chain_to_weight(first: Tensor, second: Tensor, groups: int) -> Tensor:
+    """Dense conv weight (n, c/g, kh, kw) of the two thin convs `conv_chain_weights` gives
+    (either scheme: `second` is 1 x 1 with a kh x kw `first`, or 1 x kw with a kh x 1 one)."""
+    n, r, _, kw2 = second.shape
+    _, c_g, kh, kw1 = first.shape
+    kw = max(kw1, kw2)
+    f = first.reshape(groups, r, c_g, kh, kw1).expand(-1, -1, -1, -1, kw)
+    s = second[:, :, 0, :].reshape(groups, n // groups, r, kw2).expand(-1, -1, -1, kw)
+    return torch.einsum("gokj,gkcij->gocij", s, f).reshape(n, c_g, kh, kw)
 
 
 def conv_chain_geometry(spec: ConvSpec) -> tuple[dict, dict]:
@@ -180,6 +195,18 @@ def energy_keep_count(s: Tensor, energy: float) -> int:
     dropped = torch.cumsum(torch.sort(e2).values, 0)
     removable = int((dropped <= energy * e2.sum()).sum())
     return max(1, e2.numel() - removable)
+
+
+def check_energy(who: str, energy) -> float:
+    """`energy` as a float, or a ValueError naming `who` unless it is a real number in
+    [0, 1) (Python, NumPy or one-element tensor; not a string or bool)."""
+    try:
+        value = math.nan if isinstance(energy, (str, bytes, bool)) else float(energy)
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if not 0 <= value < 1:
+        raise ValueError(f"{who}: energy must be a number in [0, 1), got {energy!r}")
+    return value
 
 
 def check_rank_multiple(who: str, rank_multiple) -> None:

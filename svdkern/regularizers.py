@@ -23,11 +23,7 @@ class SVDRegularizer:
 
     def __init__(self, model: nn.Module, ortho: float = 1.0, sparsity: str | None = "hoyer",
                  strength: float = 1e-3) -> None:
-        if sparsity not in SPARSITY:
-            raise ValueError(f"SVDRegularizer: sparsity must be 'hoyer', 'l1' or None, got {sparsity!r}")
-        for label, value in (("ortho", ortho), ("strength", strength)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"SVDRegularizer: {label} must be a finite number >= 0, got {value!r}")
+        self.check_settings(ortho, sparsity, strength)
         if not svd_layers(model):
             raise ValueError("SVDRegularizer: the model has no SVD layers (call svdkern.decompose "
                              "first); the regularizer would add nothing")
@@ -36,6 +32,16 @@ class SVDRegularizer:
         self.sparsity = sparsity
         self.strength = float(strength)
         self._check_active()
+
+    @staticmethod
+    def check_settings(ortho: float, sparsity: str | None, strength: float) -> None:
+        """The constructor's checks of its settings, with no model: a checkpoint's settings
+        may have both terms off (fine-tuning after pruning), which only a call refuses."""
+        if sparsity not in SPARSITY:
+            raise ValueError(f"SVDRegularizer: sparsity must be 'hoyer', 'l1' or None, got {sparsity!r}")
+        for label, value in (("ortho", ortho), ("strength", strength)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"SVDRegularizer: {label} must be a finite number >= 0, got {value!r}")
 
     def adds_nothing(self) -> bool:
         """Whether both terms are off (ortho 0, and no sparsity or strength 0)."""

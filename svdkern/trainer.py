@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .pruning import PruneRecord, prune
-from .reference import check_rank_multiple
+from .reference import check_energy, check_rank_multiple
 from .regularizers import SVDRegularizer
 
 
@@ -32,8 +32,7 @@ class SVDTraining:
     def __init__(self, model: nn.Module, ortho: float = 1.0, sparsity: str | None = "hoyer",
                  strength: float = 0.07, energy: float = 0.01, prune_epoch: int | None = None,
                  sparsity_start: int = 0, rank_multiple: int = 1) -> None:
-        if not (0 <= energy < 1):
-            raise ValueError(f"SVDTraining: energy must be in [0, 1), got {energy!r}")
+        energy = check_energy("SVDTraining", energy)
         check_rank_multiple("SVDTraining", rank_multiple)
         if prune_epoch is not None and prune_epoch < sparsity_start:
             raise ValueError(f"SVDTraining: prune_epoch {prune_epoch} comes before "
@@ -41,7 +40,7 @@ class SVDTraining:
         self.regularizer = SVDRegularizer(model, ortho, sparsity, strength)
         self.model = model
         self.sparsity = sparsity
-        self.energy = float(energy)
+        self.energy = energy
         self.rank_multiple = rank_multiple
         self.prune_epoch = prune_epoch
         self.sparsity_start = sparsity_start

@@ -17,10 +17,10 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from .convert import set_submodule
-from .layers import SVDConv2d, SVDLinear, _explicit_padding
-from .reference import (SCHEMES, ConvSpec, check_rank_multiple, conv_matrix_to_weight,
-                        conv_weight_to_matrix, kept_rank)
+from .convert import set_submodule, skip_matcher
+from .layers import SVDConv2d, SVDLinear, _check_finite, _explicit_padding
+from .reference import (SCHEMES, ConvSpec, check_energy, check_rank_multiple,
+                        conv_matrix_to_weight, conv_weight_to_matrix, kept_rank)
 
 
 class TRP:
@@ -34,14 +34,15 @@ class TRP:
 
     `energy` is the fraction of `sum s_j^2` a truncation may drop (0.1 keeps 0.9, the
     official default); `scheme` picks the conv matrix layout ("channel" or "spatial");
-    `rank_multiple` rounds the kept ranks up as in `svdkern.prune`.
+    `skip` names or glob patterns of layers left alone, as in `svdkern.decompose`; layers
+    whose weight is frozen are left alone too; `rank_multiple` rounds the kept ranks up as
+    in `svdkern.prune`.
     """
 
     def __init__(self, model: nn.Module, energy: float = 0.1, nuclear: float = 3e-4,
                  period: int = 5, scheme: str = "channel", skip: Iterable[str] = (),
                  rank_multiple: int = 1) -> None:
-        if not (isinstance(energy, (int, float)) and 0 <= energy < 1):
-            raise ValueError(f"TRP: energy must be in [0, 1), got {energy!r}")
+        energy = check_energy("TRP", energy)
         if not (isinstance(nuclear, (int, float)) and math.isfinite(nuclear) and nuclear >= 0):
             raise ValueError(f"TRP: nuclear must be a finite number >= 0, got {nuclear!r}")
         if not (isinstance(period, int) and period >= 1):
@@ -49,13 +50,13 @@ class TRP:
         if scheme not in SCHEMES:
             raise ValueError(f"TRP: unknown scheme {scheme!r}; expected one of {SCHEMES}")
         check_rank_multiple("TRP", rank_multiple)
-        skipped = {skip} if isinstance(skip, str) else set(skip)
+        is_skipped = skip_matcher(skip)
         self.layers = {name: m for name, m in model.named_modules()
-                       if isinstance(m, (nn.Linear, nn.Conv2d)) and name not in skipped}
+                       if isinstance(m, (nn.Linear, nn.Conv2d)) and not is_skipped(name)}
         if not self.layers:
             raise ValueError("TRP: the model has no nn.Linear or nn.Conv2d layer to truncate")
         self.model = model
-        self.energy = float(energy)
+        self.energy = energy
         self.nuclear = float(nuclear)
         self.period = period
         self.scheme = scheme
@@ -77,11 +78,16 @@ class TRP:
 
     @torch.no_grad()
     def low_rank_parts(self, source: str = "weight") -> dict[str, tuple[Tensor, Tensor, Tensor, int]]:
-        """Per layer, the fp32 factors (U, s, Vh) of its (g, rows, cols) matrices and the rank
-        k the energy rule keeps (the largest any group needs). One batched SVD per shape."""
+        """Per trained layer, the fp32 factors (U, s, Vh) of its (g, rows, cols) matrices and
+        the rank k the energy rule keeps (the largest any group needs). One batched SVD per
+        shape. A layer whose weight is frozen (requires_grad False) is left out: TRP neither
+        adds to its gradient nor truncates it."""
         by_shape: dict[tuple, list[str]] = defaultdict(list)
-        for name in self.layers:
-            by_shape[tuple(self.matrices(name).shape)].append(name)
+        for name, layer in self.layers.items():
+            if layer.weight.requires_grad:
+                _check_finite(f"TRP: layer {name or type(layer).__name__!r}", "weight",
+                              layer.weight)
+                by_shape[tuple(self.matrices(name).shape)].append(name)
         parts = {}
         for names in by_shape.values():
             stack = torch.cat([self.matrices(n).detach().float() for n in names])

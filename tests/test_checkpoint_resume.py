@@ -138,3 +138,20 @@ def test_invalid_regularizer_settings_change_nothing(tmp_path):
     payload["regularizer"]["strength"] = -1.0
     torch.save(payload, path)
     assert_load_fails_untouched(path, "strength")
+
+
+def test_regularizer_with_both_terms_off_after_prune_resumes(tmp_path):
+    """ortho=0 and sparsity dropped at the prune: fine-tuning runs no regularizer, and a
+    checkpoint of that state must load (a fresh regularizer with these settings is refused,
+    so the load checks the settings alone)."""
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    reg = svdkern.SVDRegularizer(model, ortho=0.0, sparsity="l1", strength=0.2)
+    svdkern.prune(model, 0.1, optimizer)
+    reg.sparsity = None
+    svdkern.save(model, tmp_path / "ckpt.pt", optimizer=optimizer, regularizer=reg)
+    fresh = make_model(seed=7)
+    fresh_reg = svdkern.SVDRegularizer(fresh, ortho=0.0, sparsity="l1", strength=0.2)
+    svdkern.load(fresh, tmp_path / "ckpt.pt", optimizer=torch.optim.Adam(fresh.parameters()),
+                 regularizer=fresh_reg)
+    assert fresh_reg.adds_nothing() and repr(fresh_reg) == repr(reg)

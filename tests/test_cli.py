@@ -83,11 +83,17 @@ def test_module_entry_point(tmp_path):
     assert proc.returncode == 2 and "--data-dir" in proc.stderr
 
 
-@pytest.mark.parametrize("flag, value", [("--energy", "1.5"), ("--rank-multiple", "0")])
-def test_bad_setting_is_a_clear_error_before_any_work(tmp_path, capsys, flag, value):
+@pytest.mark.parametrize("command, flag, value, named", [
+    ("train", "--energy", "1.5", "energy"), ("train", "--rank-multiple", "0", "rank_multiple"),
+    ("train", "--batch-size", "0", "batch_size"), ("train", "--batch-size", "-5", "batch_size"),
+    ("train", "--lr", "0", "lr"), ("train", "--lambda-o", "-1", "lambda_o"),
+    ("train", "--nuclear", "nan", "nuclear"), ("train", "--trp-period", "0", "trp_period"),
+    ("compare", "--energies", "0.1,1.5", "energy")])
+def test_bad_setting_is_a_clear_error_before_any_work(tmp_path, capsys, command, flag, value,
+                                                       named):
     out = tmp_path / "run"
-    assert main(["train", flag, value, "--out", str(out), "--no-progress"]) == 2
-    assert flag.strip("-").replace("-", "_") in capsys.readouterr().err
+    assert main([command, flag, value, "--out", str(out), "--no-progress"]) == 2
+    assert f"{named} must be" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -71,3 +71,18 @@ def test_compile_fused_custom_op():
             ref, *(None if t is None else t.double()
                    for t in (layer.U, layer.s, layer.V, layer.bias)))
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("groups", [2, 8])
+def test_compile_grouped_convs_below_full_rank(scheme, groups):
+    """Grouped and depthwise convs below full rank (a depthwise channel-wise matrix is 1 x 9:
+    rank 1), compiled by Inductor (the default backend): the spatial chain's permuted second
+    weight was computed wrong at ranks >= 2 (torch 2.13)."""
+    torch.manual_seed(0)
+    rank = 1 if (scheme, groups) == ("channel", 8) else 2
+    model = nn.Sequential(SVDConv2d(8, 8, 3, padding=1, groups=groups, scheme=scheme, rank=rank),
+                          nn.ReLU(), SVDConv2d(8, 16, 3, stride=2, dilation=2, padding=2,
+                                               groups=groups, scheme=scheme, rank=1))
+    for name in ("reference", "auto"):  # reference: the two thin convs; auto: by FLOPs
+        check_compiled_matches_eager(model, torch.randn(2, 8, 9, 9), name)

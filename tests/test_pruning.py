@@ -134,3 +134,55 @@ def test_prune_while_last_graph_is_alive_then_train_on():
     loss.backward()
     opt.step()
     assert all(l.U.grad.shape == l.U.shape for _, l in svdkern.svd_layers(model))
+
+
+def test_prune_and_rank_adopting_load_keep_hooks_and_attributes():
+    """Pruning and a load at other ranks give the factors new data but keep each Parameter's
+    Python attributes, gradient hooks and post-accumulate hooks (optimizer-in-backward)."""
+    model = svdkern.decompose(small_cnn())
+    layer = model[6]
+    fired = []
+    layer.s.tag = "kept"
+    layer.s.register_hook(lambda g: fired.append(("hook", tuple(g.shape))))
+    layer.U.register_post_accumulate_grad_hook(lambda p: fired.append(("post", p.grad.shape)))
+    for step in (lambda: svdkern.prune(model, 0.5), lambda: model.load_state_dict(
+            svdkern.decompose(small_cnn()).state_dict())):
+        step()
+        fired.clear()
+        model(torch.randn(2, 3, 10, 8, dtype=torch.float64)).sum().backward()
+        assert layer.s.tag == "kept"
+        assert sorted(fired) == [("hook", tuple(layer.s.shape)), ("post", layer.U.shape)]
+    assert layer.rank == svdkern.decompose(small_cnn())[6].rank  # the load restored full rank
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Adafactor"), reason="torch.optim.Adafactor: torch >= 2.5")
+def test_optimizer_state_without_a_rank_axis_is_refused_before_any_change():
+    """Adafactor keeps row and column factors of each matrix's second moment, which pruning
+    cannot cut: a clear error before anything changes, not a failed step later."""
+    model = svdkern.decompose(small_cnn())
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 3, 10, 8, dtype=torch.float64)).sum().backward()
+    opt.step()
+    ranks = [l.rank for _, l in svdkern.svd_layers(model)]
+    with pytest.raises(ValueError, match=r"Adafactor state 'row_var' of layer 0 U has shape"):
+        svdkern.prune(model, 0.5, optimizer=opt)
+    assert ranks == [l.rank for _, l in svdkern.svd_layers(model)]
+    svdkern.prune(model, 0.5)  # without it, then a new optimizer
+    torch.optim.Adafactor(model.parameters(), lr=1e-2).step()
+
+
+def test_prune_while_a_forward_graph_awaits_backward_then_train_on():
+    """A graph not yet back-propagated (a logged loss kept with its graph) holds the factors,
+    so they cannot be swapped; the fallback must still leave autograd no accumulator of the
+    old shape for the next backward."""
+    model = svdkern.decompose(small_cnn())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(2, 3, 10, 8, dtype=torch.float64)
+    model(x).sum().backward()
+    opt.step()
+    kept = model(x).sum()  # noqa: F841  (alive across the prune)
+    svdkern.prune(model, 0.3, optimizer=opt)
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()
+    assert all(l.U.grad.shape == l.U.shape for _, l in svdkern.svd_layers(model))

@@ -1,5 +1,6 @@
 """TRP: nuclear subgradient and truncation against hand-computed cases, batching by shape,
 conv schemes, export at the final ranks."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -131,3 +132,35 @@ def test_bad_arguments(kwargs, match):
 def test_model_without_layers_is_an_error():
     with pytest.raises(ValueError, match="no nn.Linear"):
         TRP(nn.ReLU())
+
+
+def test_frozen_and_skipped_layers_are_left_alone():
+    """A frozen weight gets no nuclear term and is never truncated; `skip` takes glob
+    patterns as `decompose` does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.Linear(6, 4))
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    trp = TRP(model, energy=0.5, nuclear=1e-2, period=1, skip=["3*"])
+    assert sorted(trp.layers) == ["0", "2"]
+    model(torch.randn(5, 6)).sum().backward()
+    trp.after_backward()
+    trp.after_step()
+    assert model[0].weight.grad is None and torch.equal(model[0].weight, frozen)
+    assert trp.ranks["0"] == 6 and trp.ranks["2"] < 6
+
+
+def test_non_finite_weight_is_an_error_naming_the_layer():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    trp = TRP(model)
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    for call in (trp.after_backward, trp.truncate):
+        with pytest.raises(ValueError, match="layer '1': weight contains NaN"):
+            call()
+
+
+@pytest.mark.parametrize("energy", [np.float32(0.1), torch.tensor(0.1), 0])
+def test_energy_may_be_any_real_number(energy):
+    """NumPy scalars and one-element tensors are numbers (they were refused as out of range)."""
+    assert TRP(nn.Linear(3, 3), energy=energy).energy == pytest.approx(float(energy))
