@@ -4,7 +4,7 @@ from . import backend, ops, reference
 from .checkpoint import load, save
 from .convert import decompose
 from .distributed import WithRegularizer, prune_distributed
-from .export import LowRankConv2d, LowRankLinear, export
+from .export import export
 from .layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
 from .ops import Plan, explain
 from .pruning import PruneRecord, prune
@@ -16,8 +16,7 @@ from .trp import TRP
 __version__ = "0.1.0"
 
 __all__ = [
-    "LowRankConv2d", "LowRankLinear", "ModelSummary", "Plan", "PruneRecord", "SVDConv2d",
-    "SVDLayer", "SVDLinear", "SVDRegularizer", "SVDTraining", "TRP", "WithRegularizer", "backend",
-    "decompose", "explain", "export", "load", "ops", "prune", "prune_distributed", "reference",
-    "save", "summary", "svd_layers",
+    "ModelSummary", "Plan", "PruneRecord", "SVDConv2d", "SVDLayer", "SVDLinear", "SVDRegularizer",
+    "SVDTraining", "TRP", "WithRegularizer", "backend", "decompose", "explain", "export", "load",
+    "ops", "prune", "prune_distributed", "reference", "save", "summary", "svd_layers",
 ]

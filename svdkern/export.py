@@ -1,12 +1,5 @@
-"""`export`: turn an SVD model into plain `nn.Linear` / `nn.Conv2d` layers: two thin layers per
-SVD layer ("lowrank") or the merged dense layer ("dense").
-
-A low-rank pair sits in a `LowRankLinear` / `LowRankConv2d`, an `nn.Sequential` that also
-answers what code reading a dense layer asks: `weight` (the dense product, recomputed on
-read; not assignable), `bias`, and the layer's sizes and geometry: `nn.MultiheadAttention`
-reads `out_proj.weight`, `nn.TransformerEncoderLayer` its linears' weights.
-Its state_dict (`0.weight`, `1.weight`, `1.bias`) is a plain two-layer nn.Sequential's; a
-whole pickled model needs svdkern importable to find these two classes."""
+"""`export`: turn an SVD model into plain `nn.Linear` / `nn.Conv2d` layers (no svdkern needed
+to run it): two thin layers per SVD layer ("lowrank") or the merged dense layer ("dense")."""
 from __future__ import annotations
 
 import copy
@@ -19,15 +12,22 @@ from .convert import set_submodule
 from .layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
 
 FORMS = ("lowrank", "dense")
+# Modules of torch.nn that read a child linear's `.weight` and multiply by it themselves:
+# attention's output projection always, the encoder layer's feed-forward in its inference
+# fast path (nn.TransformerEncoder checks the same layers). A two-layer pair has no `.weight`,
+# and they would use the dense product anyway, so those children are exported dense.
+DENSE_UNDER = {nn.MultiheadAttention: ("out_proj",),
+               nn.TransformerEncoderLayer: ("linear1", "linear2")}
 
 
 @torch.no_grad()
 def export(model: nn.Module, form: str = "lowrank") -> nn.Module:
     """A new model computing the same function as `model` with its SVD layers replaced.
 
-    "lowrank": each layer becomes a `LowRankLinear` / `LowRankConv2d` of two thin layers
-    with `U diag(s)` folded into the second, except layers where that is not cheaper than dense
-    (`r (m + n) >= m n`), which are merged. "dense": every layer merged back.
+    "lowrank": each layer becomes an `nn.Sequential` of two thin layers with `U diag(s)`
+    folded into the second, except layers where that is not cheaper than dense
+    (`r (m + n) >= m n`) and the linears that a parent of `torch.nn` multiplies by their
+    `.weight` itself (`DENSE_UNDER`), which are merged. "dense": every layer merged back.
     The input model is not modified.
     """
     if form not in FORMS:
@@ -37,8 +37,11 @@ def export(model: nn.Module, form: str = "lowrank") -> nn.Module:
     out = copy.deepcopy(model)
     if isinstance(out, SVDLayer):
         return plain_layers(out, form)
+    merged = {f"{name}.{child}" if name else child for name, module in out.named_modules()
+              for kind, children in DENSE_UNDER.items() if isinstance(module, kind)
+              for child in children}
     for name, layer in svd_layers(out):
-        set_submodule(out, name, plain_layers(layer, form))
+        set_submodule(out, name, plain_layers(layer, "dense" if name in merged else form))
     return out
 
 
@@ -66,45 +69,11 @@ def _linear_dense(layer: SVDLinear) -> nn.Linear:
                      weight=layer.weight, bias=layer.bias)
 
 
-class LowRankLinear(nn.Sequential):
-    """`nn.Linear(in, r)` then `nn.Linear(r, out)`, seen from outside as one `nn.Linear`."""
-
-    def __init__(self, first: nn.Linear, second: nn.Linear) -> None:
-        super().__init__(first, second)
-        self.in_features, self.out_features = first.in_features, second.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self[1].weight @ self[0].weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self[1].bias
-
-
-class LowRankConv2d(nn.Sequential):
-    """The two thin convs of a factorized conv, seen from outside as one `nn.Conv2d`."""
-
-    def __init__(self, first: nn.Conv2d, second: nn.Conv2d, spec: reference.ConvSpec) -> None:
-        super().__init__(first, second)
-        for field in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                      "dilation", "groups", "padding_mode"):
-            setattr(self, field, getattr(spec, field))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return reference.conv_chain_to_weight(self[0].weight, self[1].weight, self.groups)
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self[1].bias
-
-
-def _linear_lowrank(layer: SVDLinear) -> LowRankLinear:
+def _linear_lowrank(layer: SVDLinear) -> nn.Sequential:
     first = _new_like(nn.Linear, layer.in_features, layer.rank, weight=layer.V.t(), bias=None)
     second = _new_like(nn.Linear, layer.rank, layer.out_features,
                        weight=layer.U * layer.s, bias=layer.bias)
-    return LowRankLinear(first, second)
+    return nn.Sequential(first, second)
 
 
 def _conv_dense(layer: SVDConv2d) -> nn.Conv2d:
@@ -115,7 +84,7 @@ def _conv_dense(layer: SVDConv2d) -> nn.Conv2d:
                      weight=layer.weight, bias=layer.bias)
 
 
-def _conv_lowrank(layer: SVDConv2d) -> LowRankConv2d:
+def _conv_lowrank(layer: SVDConv2d) -> nn.Sequential:
     sp = layer.spec
     w1, w2 = reference.conv_chain_weights(layer.U, layer.s, layer.V, sp)
     geo1, geo2 = reference.conv_chain_geometry(sp)
@@ -124,4 +93,4 @@ def _conv_lowrank(layer: SVDConv2d) -> LowRankConv2d:
                       padding_mode=sp.padding_mode, weight=w1, bias=None, **geo1)
     second = _new_like(nn.Conv2d, hidden, sp.out_channels, tuple(w2.shape[2:]), groups=sp.groups,
                        padding_mode=sp.padding_mode, weight=w2, bias=layer.bias, **geo2)
-    return LowRankConv2d(first, second, sp)
+    return nn.Sequential(first, second)

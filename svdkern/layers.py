@@ -33,7 +33,7 @@ class SVDLayer(nn.Module):
         if rank is not None and not (isinstance(rank, int) and 1 <= rank <= min(rows, cols)):
             raise ValueError(f"{self.layer_name}: rank {rank!r} out of range "
                              f"[1, {min(rows, cols)}] for a {rows}x{cols} weight matrix")
-        _check_finite(self.layer_name, "weight", matrix)
+        require_finite(self.layer_name, "weight", matrix)
         U, s, V = reference.svd_factors(matrix, rank)
         # contiguous: V comes out of the SVD transposed; FSDP and kernels need dense storage
         self.U = nn.Parameter(self._from_grouped(U).contiguous())
@@ -105,7 +105,7 @@ class SVDLayer(nn.Module):
     def check_finite(self) -> None:
         """Raise a ValueError naming the layer if any factor holds NaN or Inf."""
         for pname in ("U", "s", "V"):
-            _check_finite(self.layer_name, pname, getattr(self, pname))
+            require_finite(self.layer_name, pname, getattr(self, pname))
 
     def _check_input(self, x: Tensor, expected_dims: tuple[int, ...], feature_dim: int,
                      features: int) -> None:
@@ -302,10 +302,11 @@ def _replace_data(param: nn.Parameter, value: Tensor) -> None:
         torch.utils.swap_tensors(param, fresh)
     except RuntimeError:
         # `param.data = ...` drops autograd's cached accumulator only on a change of dtype or
-        # device, not of shape: pass through another dtype so a graph alive now (a forward
-        # not yet back-propagated) cannot hand the next backward an accumulator of the old
-        # shape
-        param.data = value.to(torch.float32 if value.dtype == torch.float64 else torch.float64)
+        # device, not of shape: pass through an empty tensor of another dtype so a graph
+        # alive now (a forward not yet back-propagated) cannot hand the next backward an
+        # accumulator of the old shape
+        param.data = value.new_empty(0, dtype=torch.float32 if value.dtype == torch.float16
+                                     else torch.float16)
         param.data = value
         param.grad = None
         return
@@ -314,7 +315,8 @@ def _replace_data(param: nn.Parameter, value: Tensor) -> None:
         setattr(param, name, registered)  # re-registers them on the new data
 
 
-def _check_finite(name: str, what: str, t: Tensor) -> None:
+def require_finite(name: str, what: str, t: Tensor) -> None:
+    """A ValueError `name: what contains NaN or Inf` unless every entry of `t` is finite."""
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: {what} contains NaN or Inf")
 

@@ -17,6 +17,7 @@ truncate up to pruning).
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -81,8 +82,8 @@ class TrainConfig:
         check_rank_multiple(self.method, self.rank_multiple)
         for name, ok, bound in _BOUNDS:
             value = getattr(self, name)
-            if value is not None and not ok(value):  # NaN fails every bound
-                raise ValueError(f"{self.method}: {name} must be {bound}, got {value}")
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"{self.method}: {name} must be finite and {bound}, got {value}")
         sgd = self.method == "trp"
         optimizer = self.optimizer or ("sgd" if sgd else "adam")
         epochs = self.epochs if self.epochs is not None else (20 if self.data == "digits" else 164)

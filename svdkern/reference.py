@@ -105,17 +105,6 @@ def conv_chain_weights(U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec) -> tuple
     return first, second
 
 
-def conv_chain_to_weight(first: Tensor, second: Tensor, groups: int) -> Tensor:
-    """Dense conv weight (n, c/g, kh, kw) of the two thin convs `conv_chain_weights` gives
-    (either scheme: `second` is 1 x 1 with a kh x kw `first`, or 1 x kw with a kh x 1 one)."""
-    n, r, _, kw2 = second.shape
-    _, c_g, kh, kw1 = first.shape
-    kw = max(kw1, kw2)
-    f = first.reshape(groups, r, c_g, kh, kw1).expand(-1, -1, -1, -1, kw)
-    s = second[:, :, 0, :].reshape(groups, n // groups, r, kw2).expand(-1, -1, -1, kw)
-    return torch.einsum("gokj,gkcij->gocij", s, f).reshape(n, c_g, kh, kw)
-
-
 def conv_chain_geometry(spec: ConvSpec) -> tuple[dict, dict]:
     """Keyword arguments (stride, padding, dilation) of the two thin convs of the chain."""
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
@@ -199,9 +188,10 @@ def energy_keep_count(s: Tensor, energy: float) -> int:
 
 def check_energy(who: str, energy) -> float:
     """`energy` as a float, or a ValueError naming `who` unless it is a real number in
-    [0, 1) (Python, NumPy or one-element tensor; not a string or bool)."""
+    [0, 1) (Python, NumPy or one-element tensor; not a string or a boolean of any kind)."""
+    boolean = isinstance(energy, (str, bytes, bool)) or "bool" in str(getattr(energy, "dtype", ""))
     try:
-        value = math.nan if isinstance(energy, (str, bytes, bool)) else float(energy)
+        value = math.nan if boolean else float(energy)
     except (TypeError, ValueError, RuntimeError):
         value = math.nan
     if not 0 <= value < 1:

@@ -12,8 +12,9 @@ transposing copy before the cat) and are addressed through their strides.
 The int64 table the kernels read (offsets, shapes, strides) is cached per device, keyed by
 the shapes and layouts, so a step reuses it and a change of ranks (pruning) builds a new one.
 A cached table must be an ordinary tensor: it is built outside inference mode (an inference
-tensor cannot be saved for a later backward), and not cached while tracing (non-strict
-`torch.export` would cache a FakeTensor for eager calls to reuse).
+tensor cannot be saved for a later backward), and the cache is bypassed while tracing or
+under a fake-tensor mode (non-strict `torch.export`, `make_fx`, memory estimates), which
+would otherwise cache a FakeTensor for eager calls, or hand them a real one.
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ def _reused_across_steps(build: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(build)
     def get(*args):
-        if torch.compiler.is_compiling():
-            return build(*args)
+        if torch.compiler.is_compiling() or type(torch.empty(0)) is not torch.Tensor:
+            return build(*args)  # traced, or a mode that makes other tensors (fake)
         with torch.inference_mode(False):
             return cached(*args)
     get.cache_clear, get.cache_info = cached.cache_clear, cached.cache_info

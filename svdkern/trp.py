@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from .convert import set_submodule, skip_matcher
-from .layers import SVDConv2d, SVDLinear, _check_finite, _explicit_padding
+from .layers import SVDConv2d, SVDLinear, _explicit_padding, require_finite
 from .reference import (SCHEMES, ConvSpec, check_energy, check_rank_multiple,
                         conv_matrix_to_weight, conv_weight_to_matrix, kept_rank)
 
@@ -67,6 +67,10 @@ class TRP:
         self.ranks: dict[str, int] = {name: min(self.matrices(name).shape[-2:])
                                       for name in self.layers}
 
+    def trained(self) -> list[str]:
+        """The layers TRP drives: those whose weight is not frozen."""
+        return [name for name, layer in self.layers.items() if layer.weight.requires_grad]
+
     # ------------------------------------------------------------------ matrices
     def matrices(self, name: str, weight: Tensor | None = None) -> Tensor:
         """Layer `name`'s weight (or `weight`, shaped like it) as (g, rows, cols) matrices."""
@@ -77,21 +81,24 @@ class TRP:
         return mats.squeeze(0) if name not in self.specs else conv_matrix_to_weight(mats, self.specs[name])
 
     @torch.no_grad()
-    def low_rank_parts(self, source: str = "weight") -> dict[str, tuple[Tensor, Tensor, Tensor, int]]:
+    def low_rank_parts(self) -> dict[str, tuple[Tensor, Tensor, Tensor, int]]:
         """Per trained layer, the fp32 factors (U, s, Vh) of its (g, rows, cols) matrices and
         the rank k the energy rule keeps (the largest any group needs). One batched SVD per
         shape. A layer whose weight is frozen (requires_grad False) is left out: TRP neither
         adds to its gradient nor truncates it."""
         by_shape: dict[tuple, list[str]] = defaultdict(list)
-        for name, layer in self.layers.items():
-            if layer.weight.requires_grad:
-                _check_finite(f"TRP: layer {name or type(layer).__name__!r}", "weight",
-                              layer.weight)
-                by_shape[tuple(self.matrices(name).shape)].append(name)
+        for name in self.trained():
+            by_shape[tuple(self.matrices(name).shape)].append(name)
         parts = {}
         for names in by_shape.values():
             stack = torch.cat([self.matrices(n).detach().float() for n in names])
-            U, s, Vh = torch.linalg.svd(stack, full_matrices=False)
+            try:
+                U, s, Vh = torch.linalg.svd(stack, full_matrices=False)
+            except RuntimeError:  # name the layer (checked only then: a check syncs)
+                for n in names:
+                    require_finite(f"TRP: layer {n or type(self.layers[n]).__name__!r}",
+                                   "weight", self.layers[n].weight)
+                raise
             g = stack.shape[0] // len(names)
             for i, name in enumerate(names):
                 sl = slice(i * g, (i + 1) * g)
@@ -135,10 +142,12 @@ class TRP:
     # ------------------------------------------------------------------ export
     @torch.no_grad()
     def to_svd(self) -> nn.Module:
-        """A copy of the model with every TRP layer as an SVD layer at its last truncation
-        rank (truncating the current weights there); `svdkern.export` makes it plain."""
+        """A copy of the model with every trained TRP layer as an SVD layer at its last
+        truncation rank (truncating the current weights there; frozen layers stay dense);
+        `svdkern.export` makes it plain."""
         out = copy.deepcopy(self.model)
-        for name, layer in self.layers.items():
+        for name in self.trained():
+            layer = self.layers[name]
             new_layer = copy.deepcopy(layer)
             label = name or type(layer).__name__
             rank = self.ranks[name]

@@ -59,38 +59,20 @@ def test_export_refuses_non_finite_factors():
         svdkern.export(model)
 
 
-@pytest.mark.parametrize("scheme", ["channel", "spatial"])
-@pytest.mark.parametrize("conv", [dict(groups=1), dict(groups=2, stride=2), dict(groups=4, dilation=2)])
-def test_lowrank_pairs_show_the_dense_layer(scheme, conv):
-    """Code that reads a dense layer (its weight, bias, sizes, geometry) reads the same from
-    an exported low-rank pair as from the SVD layer."""
+def test_torch_transformer_layers_export_their_weight_read_linears_dense():
+    """nn.MultiheadAttention multiplies by `out_proj.weight` itself, and
+    nn.TransformerEncoderLayer reads its linears' weights (inference fast path): those are
+    merged, the rest split, and the exported layer runs in both modes."""
     torch.manual_seed(0)
-    model = svdkern.decompose(nn.Sequential(nn.Conv2d(8, 12, 3, padding=2, **conv), nn.Flatten(),
-                                            nn.Linear(12 * 4, 30)).double(), scheme=scheme)
-    with torch.no_grad():
-        for _, layer in svdkern.svd_layers(model):
-            layer.s[..., 1:] *= 1e-9  # rank 1 after pruning: every layer splits
-    svdkern.prune(model, 1e-6)
-    exported = svdkern.export(model, "lowrank")
-    for i, cls in ((0, svdkern.LowRankConv2d), (2, svdkern.LowRankLinear)):
-        assert isinstance(exported[i], cls)
-        torch.testing.assert_close(exported[i].weight, model[i].weight, rtol=1e-12, atol=1e-12)
-        assert torch.equal(exported[i].bias, model[i].bias)
-    conv_layer = exported[0]
-    assert (conv_layer.in_channels, conv_layer.out_channels, conv_layer.groups) == \
-        (8, 12, conv["groups"])
-    assert (exported[2].in_features, exported[2].out_features) == (48, 30)
-
-
-def test_exported_transformer_layer_runs_its_fast_path_and_training_path():
-    """nn.TransformerEncoderLayer reads `self_attn.out_proj.weight` and its linears' weights
-    (fast-path checks; attention uses out_proj's weight directly)."""
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).double()
-    model = svdkern.decompose(layer)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                          nn.Linear(16, 16)).double()
+    model = svdkern.decompose(model)
     svdkern.prune(model, 0.2)
     exported = svdkern.export(model, "lowrank")
-    assert isinstance(exported.linear1, svdkern.LowRankLinear)
+    layer = exported[0]
+    merged = (layer.linear1, layer.linear2, layer.self_attn.out_proj)
+    assert all(type(m) is nn.Linear for m in merged)
+    assert isinstance(exported[1], nn.Sequential)  # a plain pair where nothing reads .weight
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     for train in (True, False):
         model.train(train), exported.train(train)

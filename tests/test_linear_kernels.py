@@ -59,9 +59,10 @@ def check_against_reference(x, U, s, V, b, dtype, x_op=None):
 
 
 def ds_scale(x, U, V, dy) -> float:
-    """Largest `sum_rows |h * g|` (h = x V, g = dy U): the size of the terms `ds` sums. At
-    rank 1 `ds` is one sum that can cancel far below them, and fp32 error scales with the
-    terms (torch's own fp32 chain misses 1e-5 of the cancelled sum on some shapes)."""
+    """Largest `sum_rows |h * g|` (h = x V, g = dy U): the size of the terms `ds` sums, the
+    scale its fp32 error follows at any rank. An entry of `ds` can cancel far below its
+    terms (at rank 1 it is the only entry: torch's own fp32 chain then misses 1e-5 of the
+    cancelled sum on some shapes)."""
     h, g = x.detach() @ V.detach(), dy.double() @ U.detach()
     return (h.abs() * g.abs()).reshape(-1, h.shape[-1]).sum(0).max().item()
 
@@ -247,11 +248,19 @@ def test_bf16_on_cpu_is_read_as_fp32(autocast):
     if not autocast:
         check_against_reference(*inputs, torch.bfloat16)
         return
+    leaves = [t.detach().requires_grad_() for t in inputs]
     with torch.autocast("cpu"):
-        y = fused.svd_linear(*inputs)
+        y = fused.svd_linear(*leaves)
     assert y.dtype == torch.bfloat16
-    ref = reference.svd_linear(*(t.bfloat16().double() for t in inputs))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    grads = torch.autograd.grad(y, leaves, dy)
+    refs = [t.detach().bfloat16().double().requires_grad_() for t in inputs]
+    ref = reference.svd_linear(*refs)
     assert_close(y, ref, torch.bfloat16, "y")
+    for name, g, g_ref in zip(("dx", "dU", "ds", "dV", "db"), grads,
+                              torch.autograd.grad(ref, refs, dy.double())):
+        assert g.dtype == torch.float32, name  # gradients of fp32 leaves, like nn.Linear
+        assert_close(g, g_ref, torch.bfloat16, name)
 
 
 @pytest.mark.parametrize("operand,shape", [("V", (44, 5)), ("V", (45, 6)), ("s", (4,)),

@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from helpers import compile_for_sm90, config_id, distinct_blocks
 
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 import svdkern
 from svdkern import backend, ops, reference, regularizer_ops
 
@@ -206,8 +208,9 @@ def test_hoyer_gradient_far_from_unit_scale(scale):
 @pytest.mark.parametrize("rows,r", [(300, 31), (1024, 128), (4608, 512), (768, 768), (64, 64)])
 def test_bf16_rounding_of_gram_emulated(rows, r):
     """Why the bf16 gradient launch may round `G - I` to bf16 (tensor cores): emulated on
-    CPU, the bf16 gradient's error grows by at most a third (2.1-2.8e-3 to 2.6-3.3e-3 of
-    its largest entry on these shapes), most of the error being the bf16 output itself."""
+    CPU (a record of the trade, not a kernel test), the bf16 gradient's error grows by less
+    than half (2.1-2.8e-3 to 2.6-3.3e-3 of its largest entry on these shapes), most of the
+    error being the bf16 output itself."""
     M = (torch.randn(rows, r, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
          / rows ** 0.5).bfloat16()
     M64 = M.double()
@@ -228,10 +231,10 @@ class _Penalty(nn.Module):
         return ops.orthogonality_loss([self.U]) + ops.hoyer_loss([self.s])
 
 
-@pytest.mark.parametrize("first", ["inference_mode", "non-strict export"])
+@pytest.mark.parametrize("first", ["inference_mode", "non-strict export", "fake mode"])
 def test_cached_tables_stay_usable_for_training(first):
-    """Tables built by a penalty logged under inference mode, or by a non-strict
-    `torch.export` (Python run on FakeTensors), must not be what a later training step gets
+    """Tables built by a penalty logged under inference mode, by a non-strict `torch.export`
+    or under a FakeTensorMode (memory estimates) must not be what a later training step gets
     from the cache (it could not save an inference tensor; it returned FakeTensors)."""
     penalty = _Penalty()
     regularizer_ops.matrix_table.cache_clear()
@@ -240,8 +243,12 @@ def test_cached_tables_stay_usable_for_training(first):
         if first == "inference_mode":
             with torch.inference_mode():
                 penalty()
-        else:
+        elif first == "non-strict export":
             torch.export.export(penalty, (), strict=False)
+        else:
+            with FakeTensorMode() as mode:
+                fake = [mode.from_tensor(p) for p in (penalty.U, penalty.s)]
+                ops.orthogonality_loss(fake[:1]) + ops.hoyer_loss(fake[1:])
         loss = penalty()
         loss.backward()
     assert type(loss) is torch.Tensor and type(penalty.U.grad) is torch.Tensor

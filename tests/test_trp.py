@@ -148,6 +148,8 @@ def test_frozen_and_skipped_layers_are_left_alone():
     trp.after_step()
     assert model[0].weight.grad is None and torch.equal(model[0].weight, frozen)
     assert trp.ranks["0"] == 6 and trp.ranks["2"] < 6
+    low = trp.to_svd()
+    assert type(low[0]) is nn.Linear and isinstance(low[2], SVDLinear)
 
 
 def test_non_finite_weight_is_an_error_naming_the_layer():
