@@ -14,10 +14,13 @@ from .layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
 FORMS = ("lowrank", "dense")
 # Modules of torch.nn that read a child linear's `.weight` and multiply by it themselves:
 # attention's output projection always, the encoder layer's feed-forward in its inference
-# fast path (nn.TransformerEncoder checks the same layers). A two-layer pair has no `.weight`,
-# and they would use the dense product anyway, so those children are exported dense.
+# fast path (nn.TransformerEncoder checks the same layers), the fused linear + cross-entropy
+# loss (torch >= 2.13). A two-layer pair has no `.weight`, and they would use the dense
+# product anyway, so those children are exported dense.
 DENSE_UNDER = {nn.MultiheadAttention: ("out_proj",),
                nn.TransformerEncoderLayer: ("linear1", "linear2")}
+if hasattr(nn, "LinearCrossEntropyLoss"):
+    DENSE_UNDER[nn.LinearCrossEntropyLoss] = ("linear",)
 
 
 @torch.no_grad()

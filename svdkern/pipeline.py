@@ -82,7 +82,8 @@ class TrainConfig:
         check_rank_multiple(self.method, self.rank_multiple)
         for name, ok, bound in _BOUNDS:
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and ok(value)):
+            if value is not None and not ((isinstance(value, int) or math.isfinite(value))
+                                          and ok(value)):
                 raise ValueError(f"{self.method}: {name} must be finite and {bound}, got {value}")
         sgd = self.method == "trp"
         optimizer = self.optimizer or ("sgd" if sgd else "adam")

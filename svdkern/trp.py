@@ -88,17 +88,15 @@ class TRP:
         adds to its gradient nor truncates it."""
         by_shape: dict[tuple, list[str]] = defaultdict(list)
         for name in self.trained():
+            # an SVD of Inf returns NaN without an error: refuse it, naming the layer (the
+            # energy rule below reads each layer's ranks on the host anyway)
+            require_finite(f"TRP: layer {name or type(self.layers[name]).__name__!r}",
+                           "weight", self.layers[name].weight)
             by_shape[tuple(self.matrices(name).shape)].append(name)
         parts = {}
         for names in by_shape.values():
             stack = torch.cat([self.matrices(n).detach().float() for n in names])
-            try:
-                U, s, Vh = torch.linalg.svd(stack, full_matrices=False)
-            except RuntimeError:  # name the layer (checked only then: a check syncs)
-                for n in names:
-                    require_finite(f"TRP: layer {n or type(self.layers[n]).__name__!r}",
-                                   "weight", self.layers[n].weight)
-                raise
+            U, s, Vh = torch.linalg.svd(stack, full_matrices=False)
             g = stack.shape[0] // len(names)
             for i, name in enumerate(names):
                 sl = slice(i * g, (i + 1) * g)

@@ -87,7 +87,8 @@ def test_module_entry_point(tmp_path):
     ("train", "--energy", "1.5", "energy"), ("train", "--rank-multiple", "0", "rank_multiple"),
     ("train", "--batch-size", "0", "batch_size"), ("train", "--batch-size", "-5", "batch_size"),
     ("train", "--lr", "0", "lr"), ("train", "--lambda-o", "-1", "lambda_o"),
-    ("train", "--nuclear", "nan", "nuclear"), ("train", "--trp-period", "0", "trp_period"),
+    ("train", "--nuclear", "nan", "nuclear"), ("train", "--lambda-s", "inf", "lambda_s"),
+    ("train", "--trp-period", "0", "trp_period"),
     ("compare", "--energies", "0.1,1.5", "energy")])
 def test_bad_setting_is_a_clear_error_before_any_work(tmp_path, capsys, command, flag, value,
                                                        named):

@@ -78,3 +78,18 @@ def test_torch_transformer_layers_export_their_weight_read_linears_dense():
         model.train(train), exported.train(train)
         with torch.no_grad():
             assert rel_err(exported(x), model(x)) < 1e-10
+
+
+@pytest.mark.skipif(not hasattr(nn, "LinearCrossEntropyLoss"), reason="torch >= 2.13")
+def test_linear_cross_entropy_loss_keeps_its_linear_dense():
+    """nn.LinearCrossEntropyLoss multiplies by `self.linear.weight` itself."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(12, 12), "loss": nn.LinearCrossEntropyLoss(12, 7)})
+    model = svdkern.decompose(model.double())
+    svdkern.prune(model, 0.3)
+    exported = svdkern.export(model, "lowrank")
+    assert type(exported["loss"].linear) is nn.Linear
+    x, y = torch.randn(5, 12, dtype=torch.float64), torch.randint(0, 7, (5,))
+    with torch.no_grad():
+        assert rel_err(exported["loss"](exported["body"](x), y),
+                       model["loss"](model["body"](x), y)) < 1e-10

@@ -1,6 +1,7 @@
 """The energy rule on hand-built spectra, and prune() on models and optimizers."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -97,7 +98,8 @@ def test_prune_grouped_conv_uses_common_rank():
     assert conv(torch.randn(1, 8, 5, 5, dtype=torch.float64)).shape == (1, 8, 5, 5)
 
 
-@pytest.mark.parametrize("energy", [-0.1, 1.0, float("nan"), "0.1"])
+@pytest.mark.parametrize("energy", [-0.1, 1.0, float("nan"), "0.1", True, np.False_,
+                                    torch.tensor(False), torch.tensor([0.1, 0.2])])
 def test_bad_energy_is_an_error(energy):
     with pytest.raises(ValueError, match="energy"):
         svdkern.prune(svdkern.decompose(small_cnn()), energy)

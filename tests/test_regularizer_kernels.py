@@ -443,7 +443,10 @@ for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", 
         if aligned and dt in ("bf16", "fp16"):  # rows known 16 bytes apart: wide loads
             assert wide_load_share(compile_gram(dt, O.GRAM_CONFIGS[-1], prec, aligned)) > 0.3
     for hoyer in (False, True):
-        compile_sparsity(dt, hoyer)
+        ptx = compile_sparsity(dt, hoyer).asm["ptx"]
+        # Hoyer: ||s||_2 and the gradient's ratios correctly rounded (a GPU's default fp32
+        # sqrt is approximate, and a length-1 segment's gradient must be exactly 0)
+        assert not hoyer or ("sqrt.approx" not in ptx and "div.rn" in ptx), dt
 print("compiled")
 """
 

@@ -152,13 +152,15 @@ def test_frozen_and_skipped_layers_are_left_alone():
     assert type(low[0]) is nn.Linear and isinstance(low[2], SVDLinear)
 
 
-def test_non_finite_weight_is_an_error_naming_the_layer():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_is_an_error_naming_the_layer(bad):
+    """NaN makes the SVD fail, Inf makes it return NaN silently: both are refused by name."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
     trp = TRP(model)
     with torch.no_grad():
-        model[1].weight[0, 0] = float("nan")
+        model[1].weight[0, 0] = bad
     for call in (trp.after_backward, trp.truncate):
-        with pytest.raises(ValueError, match="layer '1': weight contains NaN"):
+        with pytest.raises(ValueError, match="layer '1': weight contains NaN or Inf"):
             call()
 
 
