@@ -1,5 +1,8 @@
 """svdkern: SVD training (Yang et al. 2020) and TRP for low-rank networks, with Triton
 kernels behind a pure-PyTorch reference path."""
+import importlib.util
+import os
+
 from . import backend, ops, reference
 from .checkpoint import load, save
 from .convert import decompose
@@ -12,6 +15,13 @@ from .regularizers import SVDRegularizer
 from .report import ModelSummary, summary
 from .trainer import SVDTraining
 from .trp import TRP
+
+# `kernels/` is installed as svdkern.kernels (setup.py's package_dir; the submodules above
+# import it lazily). A source tree no installer mapped (a legacy `setup.py develop`, which
+# `pip install -e .` falls back to with an old setuptools lacking `wheel`, or PYTHONPATH)
+# would lose the Triton kernels: find them next to this package then.
+if importlib.util.find_spec(__name__ + ".kernels") is None:
+    __path__.append(os.path.join(os.path.dirname(__file__), os.pardir))
 
 __version__ = "0.1.0"
 

@@ -146,6 +146,20 @@ def test_interpreter_defect_is_named_with_its_fix(monkeypatch, triton_release, n
             ops.svd_linear(x, U, s, V)
 
 
+def test_kernels_are_found_in_a_source_tree_no_installer_mapped():
+    """`pip install -e .` with an old setuptools falls back to `setup.py develop`, which
+    puts the tree on sys.path without mapping `kernels/` to svdkern.kernels (a GPU image
+    installs this way, with no network): svdkern then finds its kernels next to itself."""
+    done = run_without_interpreter(
+        "import os, sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path\n"
+        "                    if '__editable__' not in getattr(f, '__module__', '')]\n"
+        "import svdkern.kernels.svd_linear as L\n"
+        "assert os.path.samefile(os.path.dirname(L.__file__), 'kernels'), L.__file__\n"
+        "print('found')\n")
+    assert done.returncode == 0 and "found" in done.stdout, done.stderr[-2000:]
+
+
 def test_installed_release_is_read_from_package_metadata():
     assert backend._release("torch") == tuple(int(p) for p in torch.__version__.split(".")[:2])
     assert backend._release("no-such-package-svdkern") is None
