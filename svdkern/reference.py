@@ -99,7 +99,7 @@ def conv_chain_weights(U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec) -> tuple
     else:
         first = V.transpose(1, 2).reshape(g * r, c_g, kh, 1)
         # contiguous: CPU Inductor (torch 2.13) computed grouped convs with the permuted view
-        # wrong at every rank below full (tests/test_compile.py checks it)
+        # wrong at ranks >= 2 (tests/test_compile.py checks it)
         second = (Us.reshape(g, n_g, kw, r).permute(0, 1, 3, 2).reshape(g * n_g, r, 1, kw)
                   .contiguous())
     return first, second
