@@ -5,7 +5,8 @@ where each one starts and ends. One program per segment (a persistent grid strid
 them) makes two passes over its segment in chunks of `BLOCK`, so any length works:
 pass 1 accumulates `||s||_1` and `||s||_2^2` (fp32, or fp64 for fp64 input) and stores the
 segment's loss; pass 2 stores the gradient of that loss (docs/SPEC.md section 1):
-L1 `sign(s)`, Hoyer `sign(s) / ||s||_2 - ||s||_1 s / ||s||_2^3`. The per-segment losses
+L1 `sign(s)`, Hoyer `sign(s) / ||s||_2 - ||s||_1 s / ||s||_2^3`. Hoyer first finds
+`max|s|` (one more pass) and works on `s / max|s|`. The per-segment losses
 are summed once afterwards (deterministic, no atomics); the backward only scales the stored
 gradient by the incoming one.
 """
@@ -50,18 +51,31 @@ def _sparsity_kernel(flat, offsets, losses, grad, num_segments, HOYER: tl.conste
     for seg in range(pid, num_segments, tl.num_programs(0)):
         lo = tl.load(offsets + seg)
         hi = tl.load(offsets + seg + 1)
+        # Hoyer is scale-invariant: it is taken of s / max|s| (no underflow of s^2 for tiny
+        # s, no overflow for huge s); an all-zero s has loss and gradient 0 (as the
+        # reference: no direction to sparsify)
+        inv_peak = tl.full((), 1.0, acc_dtype)
+        if HOYER:
+            peak = tl.zeros((BLOCK,), dtype=acc_dtype)
+            for start in range(lo, hi, BLOCK):
+                idx = start + lanes
+                x = tl.load(flat + idx, mask=idx < hi, other=0.0).to(acc_dtype)
+                peak = tl.maximum(peak, tl.abs(x))
+            top = tl.max(peak, axis=0)
+            inv_peak = _ieee_div(inv_peak, tl.where(top > 0, top, 1.0).to(acc_dtype))
         l1 = tl.zeros((BLOCK,), dtype=acc_dtype)
         l2 = tl.zeros((BLOCK,), dtype=acc_dtype)
         for start in range(lo, hi, BLOCK):
             idx = start + lanes
-            x = tl.load(flat + idx, mask=idx < hi, other=0.0).to(acc_dtype)
+            x = tl.load(flat + idx, mask=idx < hi, other=0.0).to(acc_dtype) * inv_peak
             l1 += tl.abs(x)
             l2 += x * x
         norm1 = tl.sum(l1, axis=0)
         sumsq = tl.sum(l2, axis=0)
         norm2 = _ieee_sqrt(sumsq)
+        norm2 = tl.where(norm2 > 0, norm2, 1.0).to(acc_dtype)  # >= 1 unless s is all zero
         if HOYER:
-            tl.store(losses + seg, norm1 / norm2)
+            tl.store(losses + seg, _ieee_div(norm1, norm2))
         else:
             tl.store(losses + seg, norm1)
         for start in range(lo, hi, BLOCK):
@@ -69,10 +83,10 @@ def _sparsity_kernel(flat, offsets, losses, grad, num_segments, HOYER: tl.conste
             x = tl.load(flat + idx, mask=idx < hi, other=0.0).to(acc_dtype)
             sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)).to(acc_dtype)
             if HOYER:
-                # (sign - (||s||_1/||s||_2) (s/||s||_2)) / ||s||_2: never forms ||s||_2^3,
-                # which leaves fp32 beyond ||s||_2 ~ 7e12 or below ~ 1e-13; for a length-1
-                # s both ratios are exactly 1 (IEEE sqrt(fl(x^2)) = |x|), so its gradient is 0
-                g = (sign - _ieee_div(norm1, norm2) * _ieee_div(x, norm2)) / norm2
+                # of t = s / max|s|: (sign - (||t||_1/||t||_2) (t/||t||_2)) / (||t||_2 max|s|);
+                # for a length-1 s both ratios are exactly 1, so its gradient is 0
+                g = (sign - _ieee_div(norm1, norm2) * _ieee_div(x * inv_peak, norm2)) \
+                    * _ieee_div(inv_peak, norm2)
             else:
                 g = sign
             tl.store(grad + idx, g, mask=idx < hi)

@@ -128,10 +128,18 @@ def triton_can_run(device: torch.device) -> bool:
     return triton_blocker(device) is None
 
 
+def func_transform_active() -> bool:
+    """Whether a `torch.func` transform (vmap, grad, jacrev, functional per-sample gradients)
+    wraps the current call: the custom ops have no functorch rules, so the reference runs.
+    Not asked while compiling (dynamo inlines the transforms' bodies itself)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def resolve(device: torch.device) -> str:
-    """"reference" or "triton" for an op on `device`, per the requested backend."""
+    """"reference" or "triton" for an op on `device`, per the requested backend; always
+    "reference" under a `torch.func` transform."""
     name = requested()
-    if name == "reference":
+    if name == "reference" or func_transform_active():
         return "reference"
     if name == "auto":
         return "triton" if device.type == "cuda" and triton_installed() else "reference"

@@ -5,6 +5,7 @@ import fnmatch
 from typing import Callable, Iterable
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from .layers import SVDConv2d, SVDLayer, SVDLinear
 from .reference import SCHEMES
@@ -16,34 +17,99 @@ def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (
 
     `scheme` is "channel" or "spatial" for convs; `skip` holds module names or glob
     patterns left dense. Every layer is validated and converted before any is swapped in,
-    so a failure leaves the model unchanged. A bare Linear/Conv2d model is returned as its
-    SVD layer.
+    so a failure leaves the model unchanged. A layer used at several places becomes one SVD
+    layer at all of them; frozen weights, train/eval mode and module hooks carry over. Layers
+    whose SVD form would compute something else are refused by name: subclasses with their
+    own forward, parametrized weights, weights tied to another module. A bare Linear/Conv2d
+    model is returned as its SVD layer.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"decompose: unknown scheme {scheme!r}; expected one of {SCHEMES}")
-    replacements, is_skipped = {}, skip_matcher(skip)
+    replacements, is_skipped, paths = {}, skip_matcher(skip), module_paths(model)
+    owners = _owners(model)
     for name, module in model.named_modules():
-        if isinstance(module, SVDLayer) or is_skipped(name):
+        if isinstance(module, SVDLayer) or any(map(is_skipped, paths[id(module)])):
             continue
         label = name or type(module).__name__
         try:
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                _check_convertible(label, module, paths, owners)
             if isinstance(module, nn.Linear):
                 replacements[name] = SVDLinear.from_dense(module, name=label)
             elif isinstance(module, nn.Conv2d):
                 replacements[name] = SVDConv2d.from_dense(module, scheme=scheme, name=label)
         except ValueError as exc:
             raise ValueError(f"{exc} (pass skip=[{label!r}] to keep this layer dense)") from exc
-    if "" in replacements:
-        return replacements[""]
-    for name, new in replacements.items():
-        set_submodule(model, name, new)
-    return model
+    return replace_modules(model, replacements)
+
+
+def _check_convertible(label: str, module: nn.Module, paths: dict[int, list[str]],
+                       owners: dict[int, set[int]]) -> None:
+    """A ValueError if `module`'s SVD form would not compute what `module` computes now."""
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    own = [f for f in ("forward", "_conv_forward")
+           if hasattr(base, f) and getattr(type(module), f) is not getattr(base, f)]
+    if own:
+        raise ValueError(f"{label}: {type(module).__name__} overrides {own[0]}, which its SVD "
+                         f"form would not run")
+    if parametrize.is_parametrized(module) or not isinstance(module.weight, nn.Parameter):
+        raise ValueError(f"{label}: its weight is reparametrized (torch.nn.utils.parametrize, "
+                         "weight_norm, spectral_norm); the SVD form would drop that")
+    for pname, param in (("weight", module.weight), ("bias", module.bias)):
+        others = [p for m_id in owners.get(id(param), ()) if m_id != id(module)
+                  for p in paths[m_id][:1]]
+        if others:
+            raise ValueError(f"{label}: its {pname} is tied to {others[0] or 'the model'}'s; "
+                             "an SVD layer would untie them")
+
+
+def _owners(model: nn.Module) -> dict[int, set[int]]:
+    """id of each parameter -> ids of the modules holding it."""
+    owners: dict[int, set[int]] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for _, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
+    return owners
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """id of each submodule -> every dotted path it is reachable at (a module may be used
+    at several places)."""
+    paths: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
+    return paths
 
 
 def skip_matcher(skip: str | Iterable[str]) -> Callable[[str], bool]:
     """Whether a module name matches `skip`: one or several names or glob patterns."""
     patterns = [skip] if isinstance(skip, str) else list(skip)
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# Module-level hook dicts moved to a replacement layer: the same dict objects, so the
+# handles their owners hold still remove them.
+_MODULE_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
+def replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """Swap each module at path `name` for `replacements[name]` at every path the old module
+    is used, carrying its train/eval mode and module hooks over; returns the model (the
+    replacement itself when the root is replaced)."""
+    paths = module_paths(model)
+    for name, new in replacements.items():
+        old = model.get_submodule(name)
+        new.train(old.training)
+        for attr in _MODULE_HOOKS:
+            if hasattr(old, attr):
+                setattr(new, attr, getattr(old, attr))
+        if name == "":
+            return new
+        for path in paths[id(old)]:
+            set_submodule(model, path, new)
+    return model
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -16,6 +16,8 @@ cases (the others within 1.5x); no GPU crossover has been measured yet.
 """
 from __future__ import annotations
 
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
 from .reference import ConvSpec, conv_chain_geometry
 
 # Largest rank the fused Triton kernel keeps on chip (the B x r block of h = x V lives in
@@ -65,6 +67,20 @@ def conv_chain_and_dense_flops(x_shape: tuple[int, ...], spec: ConvSpec,
     return first + second, dense
 
 
-def cheaper(chain: int, materialized: int) -> str:
-    """"materialized" when it costs strictly fewer FLOPs, else "chain" (it needs no m x n buffer)."""
-    return "materialized" if materialized < chain else "chain"
+def factorization_pays(rows: int, cols: int, r: int) -> bool:
+    """docs/SPEC.md rule: a rows x cols matrix is smaller, and its chain cheaper at large
+    batch, as rank-r factors exactly while `r (rows + cols) < rows cols`."""
+    return r * (rows + cols) < rows * cols
+
+
+def cheaper(chain: int, materialized: int, rows: int, cols: int, r: int) -> str:
+    """"materialized" when it costs strictly fewer FLOPs, else "chain" (it needs no m x n
+    buffer). With symbolic sizes (torch.export, dynamic torch.compile) where the comparison is
+    not settled by the shapes' ranges, comparing would guard on the batch (export refuses it,
+    compile recompiles at the crossover): the large-batch limit, `factorization_pays` of the
+    rows x cols (per group) rank-r matrix, decides instead."""
+    if statically_known_true(materialized < chain):
+        return "materialized"
+    if statically_known_true(chain <= materialized):
+        return "chain"
+    return "chain" if factorization_pays(rows, cols, r) else "materialized"

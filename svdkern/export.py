@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from . import reference
-from .convert import set_submodule
+from .convert import replace_modules
 from .layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
 
 FORMS = ("lowrank", "dense")
@@ -43,9 +43,8 @@ def export(model: nn.Module, form: str = "lowrank") -> nn.Module:
     merged = {f"{name}.{child}" if name else child for name, module in out.named_modules()
               for kind, children in DENSE_UNDER.items() if isinstance(module, kind)
               for child in children}
-    for name, layer in svd_layers(out):
-        set_submodule(out, name, plain_layers(layer, "dense" if name in merged else form))
-    return out
+    return replace_modules(out, {name: plain_layers(layer, "dense" if name in merged else form)
+                                 for name, layer in svd_layers(out)})
 
 
 def plain_layers(layer: SVDLayer, form: str) -> nn.Module:

@@ -10,11 +10,13 @@ svdkern never requires Triton.
 """
 # No `from __future__ import annotations` here: custom_op reads these annotations at
 # runtime to build the op schemas, and Optional[...] parses on every supported torch.
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import differentiable, reference
 from .cost import MAX_FUSED_RANK
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,14 +57,17 @@ def _(dy, x, U, s, V, need_dx, need_db):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, U, s, V, bias = inputs
-    ctx.save_for_backward(x, U, s, V)
-    ctx.has_bias = bias is not None
+    ctx.save_for_backward(*inputs)
+    ctx.has_bias = inputs[4] is not None
 
 
 def _backward(ctx, dy: Tensor):
-    """dx, ds, db from the fused kernel; dU = dy^T (h*s), dV = x^T (g*s) as GEMMs over B."""
-    x, U, s, V = ctx.saved_tensors
+    """dx, ds, db from the fused kernel; dU = dy^T (h*s), dV = x^T (g*s) as GEMMs over B.
+    Under `create_graph=True`, autograd of the reference chain (`svdkern.differentiable`)."""
+    x, U, s, V, bias = ctx.saved_tensors
+    if differentiable.building_graph():
+        return differentiable.reference_grads(reference.svd_linear, (x, U, s, V, bias),
+                                              ctx.needs_input_grad, dy)
     need_x, need_U, need_s, need_V, need_b = ctx.needs_input_grad
     dx, hs, gs, ds, db = svd_linear_bwd_rows(dy, x, U, s, V, need_x, need_b and ctx.has_bias)
     dU = dy.transpose(0, 1) @ hs if need_U else None
@@ -91,8 +96,10 @@ def svd_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Optional[Tensor
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         x, U, s, V = (t.float() for t in (x, U, s, V))
         bias = None if bias is None else bias.float()
-    lead = x.shape[:-1]
-    y = svd_linear_fwd(x.reshape(lead.numel(), x.shape[-1]), U, s, V, bias)
+    lead, n = x.shape[:-1], x.shape[-1]
+    # -1, not the row count, so jit.trace and export keep the batch size free (0 features
+    # cannot infer it)
+    y = svd_linear_fwd(x.reshape(-1, n) if n else x.reshape(math.prod(lead), 0), U, s, V, bias)
     return y.reshape(*lead, U.shape[0]).to(out_dtype)
 
 

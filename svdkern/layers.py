@@ -18,6 +18,11 @@ from . import cost, ops, reference
 from .reference import SCHEMES, ConvSpec
 
 
+_READ_ONLY_WEIGHT = ("{}: weight is computed from the factors U, s, V and cannot be assigned; "
+                     "write U, s, V (or call reset_parameters()), or keep this layer dense "
+                     "(decompose(..., skip=[name]))")
+
+
 class SVDLayer(nn.Module):
     """Common state of the SVD layers: factors `U`, `s`, `V`, an optional bias, a name.
 
@@ -27,8 +32,10 @@ class SVDLayer(nn.Module):
 
     layer_name: str
 
-    def _init_factors(self, matrix: Tensor, bias: Tensor | None, rank: int | None) -> None:
-        """Factors from the per-group weight matrices `matrix` (g, rows, cols)."""
+    def _init_factors(self, matrix: Tensor, bias: Tensor | None, rank: int | None,
+                      trainable: bool = True) -> None:
+        """Factors from the per-group weight matrices `matrix` (g, rows, cols); `trainable`:
+        the dense weight's `requires_grad` (a frozen layer stays frozen)."""
         rows, cols = matrix.shape[-2:]
         if rank is not None and not (isinstance(rank, int) and 1 <= rank <= min(rows, cols)):
             raise ValueError(f"{self.layer_name}: rank {rank!r} out of range "
@@ -36,10 +43,37 @@ class SVDLayer(nn.Module):
         require_finite(self.layer_name, "weight", matrix)
         U, s, V = reference.svd_factors(matrix, rank)
         # contiguous: V comes out of the SVD transposed; FSDP and kernels need dense storage
-        self.U = nn.Parameter(self._from_grouped(U).contiguous())
-        self.s = nn.Parameter(self._from_grouped(s).contiguous())
-        self.V = nn.Parameter(self._from_grouped(V).contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.U = nn.Parameter(self._from_grouped(U).contiguous(), trainable)
+        self.s = nn.Parameter(self._from_grouped(s).contiguous(), trainable)
+        self.V = nn.Parameter(self._from_grouped(V).contiguous(), trainable)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           bias.requires_grad)
+
+    def _reset_from(self, matrix: Tensor, bias: Tensor | None) -> None:
+        """Overwrite the factors in place (same storage, for `to_empty()` then
+        `reset_parameters()`) with the SVD of `matrix` (g, rows, cols) at the current rank."""
+        factors = reference.svd_factors(matrix, self.rank)
+        with torch.no_grad():
+            for param, value in zip((self.U, self.s, self.V), factors):
+                param.copy_(self._from_grouped(value))
+            if self.bias is not None:
+                self.bias.copy_(bias)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight (shaped like the dense layer's, from the subclass's
+        `_dense_weight`), differentiable, recomputed on every read, for code that inspects
+        `weight`."""
+        return self._dense_weight()
+
+    @weight.setter
+    def weight(self, value) -> None:
+        raise AttributeError(_READ_ONLY_WEIGHT.format(self.layer_name))
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        if name == "weight":  # `layer.weight = nn.Parameter(...)` lands here, not in the setter
+            raise AttributeError(_READ_ONLY_WEIGHT.format(self.layer_name))
+        super().register_parameter(name, param)
 
     # Layout adapters: SVDLinear stores 2-D factors, SVDConv2d stores them per group.
     def _from_grouped(self, t: Tensor) -> Tensor:
@@ -82,6 +116,15 @@ class SVDLayer(nn.Module):
         optimizers and hooks that hold them stay attached; gradients are dropped."""
         for param, value in ((self.U, U), (self.s, s), (self.V, V)):
             _replace_data(param, self._from_grouped(value.detach().to(param.dtype)).contiguous())
+        self._reinsert_parameters()
+
+    def _reinsert_parameters(self) -> None:
+        """Re-insert the parameter entries (same objects, same order) after their shapes
+        changed: torch.compile before torch 2.13 guards a module's parameters through its
+        parameter dict, not their shapes, and would rerun a graph built for the old ranks."""
+        params = dict(self._parameters)
+        self._parameters.clear()
+        self._parameters.update(params)
 
     def select_ranks(self, t: Tensor, index: Tensor) -> Tensor:
         """Keep, along the rank axis of `t` (shaped like `U`, `s` or `V`), the per-group
@@ -97,23 +140,29 @@ class SVDLayer(nn.Module):
     def svd_params(self) -> int:
         return self.U.numel() + self.s.numel() + self.V.numel() + _numel(self.bias)
 
+    def lowrank_params(self) -> int:
+        """Parameters of the exported two-layer form: `s` is folded into the second layer."""
+        rows, cols = self.matrix_shape
+        return self.num_groups * self.rank * (rows + cols) + _numel(self.bias)
+
     def worth_factorizing(self) -> bool:
         """docs/SPEC.md rule: keep factorized only while `r (m + n) < m n`."""
-        rows, cols = self.matrix_shape
-        return self.rank * (rows + cols) < rows * cols
+        return cost.factorization_pays(*self.matrix_shape, self.rank)
 
     def check_finite(self) -> None:
         """Raise a ValueError naming the layer if any factor holds NaN or Inf."""
         for pname in ("U", "s", "V"):
             require_finite(self.layer_name, pname, getattr(self, pname))
 
-    def _check_input(self, x: Tensor, expected_dims: tuple[int, ...], feature_dim: int,
+    def _check_input(self, x: Tensor, expected_dims: tuple[int, ...] | None, feature_dim: int,
                      features: int) -> None:
+        """Clear errors for inputs the layer cannot take (`expected_dims` None: any >= 1)."""
         if not torch.is_floating_point(x):
             raise TypeError(f"{self.layer_name}: expected a floating-point input, got {x.dtype}")
         if x.device != self.U.device:
             raise ValueError(f"{self.layer_name}: input on {x.device} but weights on {self.U.device}")
-        if x.dim() not in expected_dims or x.shape[feature_dim] != features:
+        dims_ok = x.dim() >= 1 if expected_dims is None else x.dim() in expected_dims
+        if not dims_ok or x.shape[feature_dim] != features:
             raise ValueError(f"{self.layer_name}: expected input with {features} features at dim "
                              f"{feature_dim}, got shape {tuple(x.shape)}")
         if x.dtype != self.U.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -132,6 +181,7 @@ class SVDLayer(nn.Module):
                     param = getattr(self, pname)
                     if param.shape != value.shape:
                         _replace_data(param, param.data.new_empty(value.shape))
+                self._reinsert_parameters()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -162,7 +212,8 @@ class SVDLinear(SVDLayer):
         self.out_features = out_features
         dense = _dense if _dense is not None else nn.Linear(
             in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_factors(dense.weight.detach().unsqueeze(0), dense.bias, rank)  # grouped layout, g = 1
+        self._init_factors(dense.weight.detach().unsqueeze(0), dense.bias, rank,  # g = 1
+                           dense.weight.requires_grad)
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, rank: int | None = None,
@@ -179,13 +230,18 @@ class SVDLinear(SVDLayer):
     def _to_grouped(self, t: Tensor) -> Tensor:
         return t.unsqueeze(0)
 
-    @property
-    def weight(self) -> Tensor:
-        """Dense weight (out, in), differentiable, recomputed on every read."""
-        return reference.materialize(self.U, self.s, self.V)
+    def reset_parameters(self) -> None:
+        """Factors of a freshly initialized `nn.Linear` at the current rank, as built from
+        scratch (meta-device construction, then `to_empty()` and this)."""
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                          device=self.U.device, dtype=self.U.dtype)
+        self._reset_from(dense.weight.detach().unsqueeze(0), dense.bias)
+
+    def _dense_weight(self) -> Tensor:
+        return reference.materialize(self.U, self.s, self.V)  # (out, in)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x, tuple(range(1, 9)), -1, self.in_features)
+        self._check_input(x, None, -1, self.in_features)
         return ops.svd_linear(x, self.U, self.s, self.V, self.bias)
 
     def flops(self, in_hw: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -224,7 +280,7 @@ class SVDConv2d(SVDLayer):
                              _explicit_padding(name, dense.padding, kernel, dil, _pair(dense.stride)),
                              dil, dense.groups, dense.padding_mode, scheme)
         matrix = reference.conv_weight_to_matrix(dense.weight.detach(), self.spec)
-        self._init_factors(matrix, dense.bias, rank)
+        self._init_factors(matrix, dense.bias, rank, dense.weight.requires_grad)
 
     @classmethod
     def from_dense(cls, layer: nn.Conv2d, scheme: str = "channel", rank: int | None = None,
@@ -246,10 +302,17 @@ class SVDConv2d(SVDLayer):
     padding_mode = property(lambda self: self.spec.padding_mode)
     scheme = property(lambda self: self.spec.scheme)
 
-    @property
-    def weight(self) -> Tensor:
-        """Dense conv weight (out, in/groups, kh, kw), differentiable, recomputed on read."""
-        return reference.conv_weight(self.U, self.s, self.V, self.spec)
+    def reset_parameters(self) -> None:
+        """Factors of a freshly initialized `nn.Conv2d` at the current rank, as built from
+        scratch (meta-device construction, then `to_empty()` and this)."""
+        sp = self.spec
+        dense = nn.Conv2d(sp.in_channels, sp.out_channels, sp.kernel_size, sp.stride,
+                          sp.padding, sp.dilation, sp.groups, self.bias is not None,
+                          sp.padding_mode, device=self.U.device, dtype=self.U.dtype)
+        self._reset_from(reference.conv_weight_to_matrix(dense.weight.detach(), sp), dense.bias)
+
+    def _dense_weight(self) -> Tensor:
+        return reference.conv_weight(self.U, self.s, self.V, self.spec)  # (out, in/g, kh, kw)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x, (3, 4), -3, self.in_channels)
@@ -316,7 +379,10 @@ def _replace_data(param: nn.Parameter, value: Tensor) -> None:
 
 
 def require_finite(name: str, what: str, t: Tensor) -> None:
-    """A ValueError `name: what contains NaN or Inf` unless every entry of `t` is finite."""
+    """A ValueError `name: what contains NaN or Inf` unless every entry of `t` is finite
+    (meta tensors hold no values: nothing to check)."""
+    if t.is_meta:
+        return
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: {what} contains NaN or Inf")
 

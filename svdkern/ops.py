@@ -15,6 +15,7 @@ conv.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -43,19 +44,21 @@ def _linear_plan(x: Tensor, U: Tensor, V: Tensor) -> tuple[str, str, int, int]:
     """(path, reason, chain FLOPs, materialized FLOPs) of `svd_linear` for these shapes."""
     n, r = V.shape
     m = U.shape[0]
-    chain, mat = cost.linear_flops(x.shape[:-1].numel(), n, m, r)
+    chain, mat = cost.linear_flops(math.prod(x.shape[:-1]), n, m, r)
     requested = backend.requested()
     if requested == "reference":
         return "chain", "SVDKERN_BACKEND=reference", chain, mat
     engine = backend.resolve(x.device)
     fits = fused.fits(r, x.dtype)
-    if requested == "triton" and fits:
+    if requested == "triton" and engine == "triton" and fits:
         return "fused", "SVDKERN_BACKEND=triton", chain, mat
-    if cost.cheaper(chain, mat) == "materialized":
+    if cost.cheaper(chain, mat, m, n, r) == "materialized":
         return "materialized", "dense GEMM on W = (U*s) V^T costs fewer FLOPs", chain, mat
     if engine == "triton" and fits:
         return "fused", "factorized chain costs fewer FLOPs; Triton kernel", chain, mat
-    why = ("Triton cannot run on this device" if engine != "triton" else
+    why = ("a torch.func transform is active (the fused op has no functorch rules)"
+           if backend.func_transform_active() else
+           "Triton cannot run on this device" if engine != "triton" else
            f"rank {r} > {cost.MAX_FUSED_RANK} or dtype {x.dtype} is beyond the fused kernel")
     return "chain", f"factorized chain costs fewer FLOPs; {why}", chain, mat
 
@@ -64,7 +67,7 @@ def _conv_plan(x: Tensor, U: Tensor, spec: ConvSpec) -> tuple[str, str, int, int
     chain, mat = cost.conv_flops(tuple(x.shape), spec, U.shape[-1])
     if backend.requested() == "reference":
         return "chain", "SVDKERN_BACKEND=reference", chain, mat
-    path = cost.cheaper(chain, mat)
+    path = cost.cheaper(chain, mat, *spec.matrix_shape, U.shape[-1])
     how = "one dense conv on the built weight" if path == "materialized" else "two thin convs"
     return path, f"fewer FLOPs as {how}", chain, mat
 
@@ -124,5 +127,5 @@ def _regularizer(name: str, tensors: Sequence[Tensor]) -> Tensor:
     """Run regularizer `name` on the Triton kernels where the backend says so, else on the
     reference (which also reports an empty list)."""
     tensors = list(tensors)
-    on_triton = bool(tensors) and backend.resolve(tensors[0].device) == "triton"
+    on_triton = len(tensors) > 0 and backend.resolve(tensors[0].device) == "triton"
     return getattr(regularizer_ops if on_triton else reference, name)(tensors)

@@ -210,18 +210,19 @@ def dense_spectra(model: nn.Module, scheme: str) -> dict[str, list[float]]:
 
 def costs(model: nn.Module, data: Dataset) -> dict:
     """Parameters and FLOPs per sample of an SVD model: svdkern.summary's totals, and the
-    deployed cost, where a layer not worth factorizing (r (m+n) >= m n) counts dense, as
-    svdkern.export ships it."""
+    deployed cost as svdkern.export ships it: a layer not worth factorizing
+    (r (m+n) >= m n) counts dense, the others as two thin layers with `s` folded in."""
     example = data.test_x[:1].to(next(model.parameters()).device)
     table = summary(model, example, verbose=False)
-    layers = dict(svd_layers(model))
-    keep = [layers[row.name].worth_factorizing() for row in table.layers]
+    layers = [dict(svd_layers(model))[row.name] for row in table.layers]
+    keep = [layer.worth_factorizing() for layer in layers]
     return {
         "table": str(table),
         "summary": table.to_dict(),
         "params": table.params, "dense_params": table.dense_params,
         "flops": table.flops, "dense_flops": table.dense_flops,
-        "deployed_params": sum(r.params if k else r.dense_params for r, k in zip(table.layers, keep)),
+        "deployed_params": sum(layer.lowrank_params() if k else r.dense_params
+                               for r, layer, k in zip(table.layers, layers, keep)),
         "deployed_flops": sum(r.flops if k else r.dense_flops for r, k in zip(table.layers, keep)),
         "ranks": {r.name: [r.rank, r.full_rank] for r in table.layers},
     }

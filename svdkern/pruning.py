@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from .layers import SVDLayer, svd_layers
 from .reference import check_energy, check_rank_multiple, kept_rank
@@ -51,6 +52,10 @@ def plan(model: nn.Module, energy: float,
         raise ValueError("prune: the model has no SVD layers (call svdkern.decompose first)")
     plans = []
     for name, layer in layers:
+        if parametrize.is_parametrized(layer):
+            raise ValueError(f"prune: layer {name or '<root>'} has parametrized factors "
+                             "(torch.nn.utils.parametrize), which pruning cannot shrink; "
+                             "remove the parametrization first")
         layer.check_finite()
         plans.append((name, layer, keep_index(layer._to_grouped(layer.s), energy, rank_multiple)))
     return plans

@@ -168,7 +168,17 @@ def hoyer_loss(svals: Sequence[Tensor]) -> Tensor:
     """`sum_l ||s_l||_1 / ||s_l||_2`: scale-invariant, shrinks the small singular values."""
     if len(svals) == 0:
         raise ValueError("hoyer_loss: got no singular-value vectors")
-    return sum(_fp32(s).abs().sum() / _fp32(s).pow(2).sum().sqrt() for s in svals)
+    return sum(_hoyer(_fp32(s)) for s in svals)
+
+
+def _hoyer(s: Tensor) -> Tensor:
+    """`||s||_1 / ||s||_2` taken of `s / max|s|`, the same value (it is scale-invariant)
+    without the underflow of `s^2` for tiny `s` (inf) or its overflow for huge `s`; 0, with
+    gradient 0, for an all-zero `s` (no direction to sparsify: the official code skips it)."""
+    peak = s.detach().abs().max()
+    t = s / torch.where(peak > 0, peak, 1)
+    norm2 = torch.linalg.vector_norm(t)
+    return t.abs().sum() / torch.where(norm2 > 0, norm2, 1)
 
 
 def _fp32(t: Tensor) -> Tensor:

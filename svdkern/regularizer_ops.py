@@ -24,6 +24,8 @@ from typing import Callable, Sequence, TypeVar
 import torch
 from torch import Tensor
 
+from . import differentiable, reference
+
 T = TypeVar("T")
 MatrixKey = tuple[tuple[int, int, bool], ...]  # (rows, r, column-major) per matrix
 
@@ -133,8 +135,18 @@ def _orthogonality_setup(ctx, inputs, output) -> None:
 
 def _orthogonality_backward(ctx, grad_loss: Tensor, _grad_gram: Tensor):
     flat, table, gram = ctx.saved_tensors
+    if differentiable.building_graph():
+        return differentiable.reference_grads(
+            lambda f: reference.orthogonality_loss(unpack_matrices(f, table)), (flat,),
+            (True,), grad_loss) + (None,) * 4
     grad = _orthogonality_grad(flat, table, ctx.shapes, gram, grad_loss, ctx.aligned)
     return grad, None, None, None, None
+
+
+def unpack_matrices(flat: Tensor, table: Tensor) -> list[Tensor]:
+    """The matrices packed in `flat`, as strided views, from their table rows."""
+    return [flat.as_strided((rows, r), (row_stride, col_stride), flat.storage_offset() + offset)
+            for offset, rows, r, row_stride, col_stride, _ in table.tolist()]
 
 
 _orthogonality.register_autograd(_orthogonality_backward, setup_context=_orthogonality_setup)
@@ -185,13 +197,19 @@ def _(flat, offsets, hoyer):
 
 
 def _sparsity_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[1])
-    ctx.dtype = inputs[0].dtype
+    flat, offsets, ctx.hoyer = inputs
+    ctx.save_for_backward(flat, offsets, output[1])
 
 
 def _sparsity_backward(ctx, grad_loss: Tensor, _grad_grad: Tensor):
-    (grad,) = ctx.saved_tensors
-    return (grad * grad_loss).to(ctx.dtype), None, None
+    flat, offsets, grad = ctx.saved_tensors
+    if differentiable.building_graph():
+        loss = reference.hoyer_loss if ctx.hoyer else reference.l1_loss
+        bounds = offsets.tolist()
+        return differentiable.reference_grads(
+            lambda f: loss([f[a:b] for a, b in zip(bounds, bounds[1:])]), (flat,), (True,),
+            grad_loss) + (None, None)
+    return (grad * grad_loss).to(flat.dtype), None, None
 
 
 _sparsity.register_autograd(_sparsity_backward, setup_context=_sparsity_setup)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from .convert import set_submodule, skip_matcher
+from .convert import replace_modules, skip_matcher
 from .layers import SVDConv2d, SVDLinear, _explicit_padding, require_finite
 from .reference import (SCHEMES, ConvSpec, check_energy, check_rank_multiple,
                         conv_matrix_to_weight, conv_weight_to_matrix, kept_rank)
@@ -107,7 +107,9 @@ class TRP:
     # ------------------------------------------------------------------ the two TRP steps
     @torch.no_grad()
     def after_backward(self) -> None:
-        """Add the nuclear-norm subgradient `nuclear * U_k V_k^T` to every weight gradient."""
+        """Add the nuclear-norm subgradient `nuclear * U_k V_k^T` to every weight gradient
+        (every step, the paper's loss; the official code adds it on truncation steps only,
+        docs/SPEC.md section 2)."""
         if self.nuclear == 0:
             return
         for name, (U, _, Vh, k) in self.low_rank_parts().items():
@@ -144,18 +146,15 @@ class TRP:
         truncation rank (truncating the current weights there; frozen layers stay dense);
         `svdkern.export` makes it plain."""
         out = copy.deepcopy(self.model)
+        replacements = {}
         for name in self.trained():
-            layer = self.layers[name]
-            new_layer = copy.deepcopy(layer)
+            layer = out.get_submodule(name)
             label = name or type(layer).__name__
             rank = self.ranks[name]
-            svd = (SVDLinear.from_dense(new_layer, rank=rank, name=label)
-                   if isinstance(layer, nn.Linear) else
-                   SVDConv2d.from_dense(new_layer, self.scheme, rank=rank, name=label))
-            if name == "":
-                return svd
-            set_submodule(out, name, svd)
-        return out
+            replacements[name] = (SVDLinear.from_dense(layer, rank=rank, name=label)
+                                  if isinstance(layer, nn.Linear) else
+                                  SVDConv2d.from_dense(layer, self.scheme, rank=rank, name=label))
+        return replace_modules(out, replacements)
 
 
 def _spec(name: str, conv: nn.Conv2d, scheme: str) -> ConvSpec:

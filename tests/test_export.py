@@ -44,6 +44,18 @@ def test_exported_model_has_fewer_parameters_after_pruning():
     assert n_params < 64 * 64 + 64
 
 
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_deployed_cost_is_that_of_the_exported_model(scheme):
+    """The CLI's deployed parameters are the exported model's (they counted `s` too)."""
+    from types import SimpleNamespace
+    from svdkern.pipeline import costs
+    model = svdkern.decompose(small_cnn(), scheme=scheme)
+    svdkern.prune(model, 0.2)
+    data = SimpleNamespace(test_x=torch.randn(1, 3, 10, 8, dtype=torch.float64))
+    exported = svdkern.export(model, "lowrank")
+    assert costs(model, data)["deployed_params"] == sum(p.numel() for p in exported.parameters())
+
+
 def test_export_bare_layer_and_bad_form():
     layer = svdkern.SVDLinear(5, 4, dtype=torch.float64)
     assert isinstance(svdkern.export(layer, "dense"), nn.Linear)

@@ -188,3 +188,32 @@ def test_prune_while_a_forward_graph_awaits_backward_then_train_on():
     model(x).sum().backward()
     opt.step()
     assert all(l.U.grad.shape == l.U.shape for _, l in svdkern.svd_layers(model))
+
+
+def test_parametrized_factors_are_refused_before_any_change():
+    model = svdkern.decompose(small_cnn())
+    torch.nn.utils.parametrize.register_parametrization(model[6], "s", nn.Identity())
+    ranks = [l.rank for _, l in svdkern.svd_layers(model)]
+    with pytest.raises(ValueError, match="layer 6 has parametrized factors"):
+        svdkern.prune(model, 0.5)
+    assert ranks == [l.rank for _, l in svdkern.svd_layers(model)]
+
+
+def test_an_ema_copy_is_pruned_by_the_same_plan():
+    """README recipe: the model's plan applied to an AveragedModel keeps it updatable."""
+    model = svdkern.decompose(small_cnn(torch.float32))
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ema.update_parameters(model)
+    plans = svdkern.pruning.plan(model, 0.3)
+    svdkern.pruning.apply_plan(plans)
+    ema_layers = dict(svdkern.svd_layers(ema.module))
+    svdkern.pruning.apply_plan([(name, ema_layers[name], index) for name, _, index in plans])
+    assert [l.rank for _, l in svdkern.svd_layers(ema.module)] == \
+        [l.rank for _, l in svdkern.svd_layers(model)]
+    ema.update_parameters(model)
+    x = torch.randn(2, 3, 10, 8)
+    assert ema(x).shape == model(x).shape

@@ -192,10 +192,11 @@ def test_sparsity_single_and_strided(kind):
             assert_close(leaf.grad, ref.grad, torch.float32, kind)
 
 
-@pytest.mark.parametrize("scale", [1e-14, 1e14])
+@pytest.mark.parametrize("scale", [1e-14, 1e14, 1e-23, 1e30])
 def test_hoyer_gradient_far_from_unit_scale(scale):
-    """||s||^3 leaves fp32 beyond ||s|| ~ 7e12 or below ~ 1e-13: the kernel never forms it
-    (it returned a zero gradient at 1e14). Errors relative to the largest entry, no floor."""
+    """||s||^3 leaves fp32 beyond ||s|| ~ 7e12 or below ~ 1e-13, s^2 below ~ 1e-19 or beyond
+    ~ 1e19: the kernel forms neither (it returned a zero gradient at 1e14, inf at 1e-23).
+    Errors relative to the largest entry, no floor."""
     s = (rand_vectors([50], torch.float64, seed=3)[0] * scale).float().requires_grad_()
     with backend.use("triton"):
         ops.hoyer_loss([s]).backward()
@@ -203,6 +204,22 @@ def test_hoyer_gradient_far_from_unit_scale(scale):
     reference.hoyer_loss([ref]).backward()
     err = (s.grad.double() - ref.grad).abs().max() / ref.grad.abs().max()
     assert err <= TOL[torch.float32], f"relative error {err:.3g}"
+
+
+def test_all_zero_singular_values_add_nothing():
+    """Hoyer of an all-zero s is 0 with gradient 0 on both paths (it was 0/0 = NaN, which one
+    optimizer step wrote into the model); the other vectors are unaffected."""
+    svals = [torch.zeros(3, device=DEVICE), torch.tensor([0.5, -0.25, 0.1], device=DEVICE)]
+    for name in ("triton", "reference"):
+        leaves = [s.clone().requires_grad_() for s in svals]
+        with backend.use(name):
+            loss = ops.hoyer_loss(leaves)
+        loss.backward()
+        alone = svals[1].clone().requires_grad_()
+        reference.hoyer_loss([alone]).backward()
+        assert_close(loss, reference.hoyer_loss([svals[1]]), torch.float32, name)
+        assert torch.equal(leaves[0].grad, torch.zeros(3, device=DEVICE))
+        assert_close(leaves[1].grad, alone.grad, torch.float32, name)
 
 
 @pytest.mark.parametrize("rows,r", [(300, 31), (1024, 128), (4608, 512), (768, 768), (64, 64)])
