@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,18 +46,20 @@ INFERENCE_ALTERNATIVES = ("dense", "exported low-rank")
 INFERENCE_RANK_FRACTION = 0.25
 
 # (model, layer, input channels or features, kernel taps, output features, output side at
-# 224 px or None for token rows): the GEMM has n = channels * taps inputs.
+# 224 px or None for token rows): the GEMM has n = channels * taps inputs. The linears come
+# first; the ResNet rows are the GEMM view of its convs (the fused linear kernel on im2col
+# shapes: SVDConv2d itself runs as convs, timed in the crossover group), last in each tier.
 LAYER_SOURCES = (
-    ("resnet50", "layer1.conv2 3x3", 64, 9, 64, 56),
-    ("resnet50", "layer3.conv2 3x3", 256, 9, 256, 14),
-    ("resnet50", "layer3.conv3 1x1", 256, 1, 1024, 14),
-    ("resnet50", "layer4.conv2 3x3", 512, 9, 512, 7),
     ("vit_b16", "attn.qkv", 768, 1, 2304, None),
     ("vit_b16", "mlp.fc1", 768, 1, 3072, None),
     ("vit_b16", "mlp.fc2", 3072, 1, 768, None),
     ("gpt2", "attn.c_attn", 768, 1, 2304, None),
     ("gpt2", "attn.c_proj", 768, 1, 768, None),
     ("gpt2", "mlp.c_fc", 768, 1, 3072, None),
+    ("resnet50", "layer1.conv2 3x3", 64, 9, 64, 56),
+    ("resnet50", "layer3.conv2 3x3", 256, 9, 256, 14),
+    ("resnet50", "layer3.conv3 1x1", 256, 1, 1024, 14),
+    ("resnet50", "layer4.conv2 3x3", 512, 9, 512, 7),
 )
 
 
@@ -95,7 +98,9 @@ def layer_shapes(p: Preset) -> list[LayerShape]:
     eighth of it with and without one more (energy pruning leaves ranks that are no multiple
     of anything: the factors' row strides then allow no 16-byte loads; the pair measures what
     that costs, and what `prune(..., rank_multiple=8)` saves); convs as GEMMs with
-    B = N * H_out * W_out, channels scaled by the preset."""
+    B = N * H_out * W_out, channels scaled by the preset. Ordered by rank tier (full and a
+    sixteenth, then a quarter, then the eighths), each tier over every model, so a run cut
+    at its time limit has the key rows of all three stacks."""
     shapes = []
     for model, layer, channels, taps, m, side in LAYER_SOURCES:
         if side is None:
@@ -105,9 +110,12 @@ def layer_shapes(p: Preset) -> list[LayerShape]:
         n, m = p.width(channels) * taps, p.width(m)
         full = min(n, m)
         ranks = (full, max(1, full // 4), max(1, full // 16), max(1, full // 8), full // 8 + 1)
-        for rank in dict.fromkeys(ranks):
-            shapes.append(LayerShape(model, layer, rows, n, m, rank))
-    return shapes
+        seen: set[int] = set()
+        for rank, tier in zip(ranks, (0, 1, 0, 2, 2)):
+            if rank not in seen:
+                seen.add(rank)
+                shapes.append((tier, LayerShape(model, layer, rows, n, m, rank)))
+    return [s for _, s in sorted(shapes, key=lambda ts: ts[0])]  # stable: model order kept
 
 
 # Sources of the crossover sweep: GPT-2 projections as linear layers, ResNet-50 3x3 convs
@@ -234,6 +242,7 @@ def layer_case(shape: LayerShape, alternative: str, p: Preset,
     """Forward + backward (dx and every parameter gradient) of one layer; returns (y, dx).
     The dense weight is the materialized `U diag(s) V^T`, so all alternatives agree."""
     B, n, m, r, dtype = shape.rows, shape.n, shape.m, shape.rank, p.dtype
+    torch.manual_seed(zlib.crc32(shape.id.encode()))  # every alternative draws the same data
     U, V = _orthonormal(m, r, device, dtype), _orthonormal(n, r, device, dtype)
     s = (torch.rand(r, device=device) + 0.5).to(dtype).requires_grad_()
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -276,9 +285,10 @@ def dense_model(name: str, p: Preset, device: torch.device) -> nn.Module:
 
 @functools.lru_cache(maxsize=None)
 def svd_model(name: str, p: Preset, device: torch.device) -> nn.Module:
-    """The dense stack decomposed at full rank (SVDs taken once, on CPU, then moved)."""
+    """The dense stack decomposed at full rank (SVDs taken once per process, in float64 on
+    `device`: on CPU they took minutes for the transformer stacks)."""
     torch.manual_seed(0)
-    return decompose(build(name, p)).to(device)
+    return decompose(build(name, p).to(device))
 
 
 def _params(model: nn.Module) -> list[Tensor]:

@@ -39,8 +39,9 @@ def svd_linear_work(B: int, n: int, m: int, r: int) -> int:
 
 
 def orthogonality_flops(rows: int, r: int) -> int:
-    """Gram `M^T M` (2 rows r^2, counted in full) and gradient `4 M (G - I)` (2 rows r^2)."""
-    return 4 * rows * r * r
+    """Gram `M^T M` (symmetric: its upper half, rows r^2, as the kernel computes it) and
+    gradient `4 M (G - I)` (2 rows r^2)."""
+    return 3 * rows * r * r
 
 
 def orthogonality_bytes(rows: int, r: int, itemsize: int) -> int:
@@ -48,7 +49,8 @@ def orthogonality_bytes(rows: int, r: int, itemsize: int) -> int:
     return 3 * rows * r * itemsize
 
 
-def floor_ms(flops: int, nbytes: int, ceilings: dict) -> float:
-    """Roofline floor: the larger of compute time at the measured matrix rate and memory
-    time at the measured copy bandwidth."""
-    return max(flops / (ceilings["matmul_tflops"] * 1e9), nbytes / (ceilings["copy_gbps"] * 1e6))
+def floor_ms(flops: int, nbytes: int, ceilings: dict, rate: str = "matmul_tflops") -> float:
+    """Roofline floor: the larger of compute time at the measured matrix rate `rate` (the
+    cases' dtype, or "fp32_ieee_tflops" for fp32 work without TF32) and memory time at the
+    measured copy bandwidth."""
+    return max(flops / (ceilings[rate] * 1e9), nbytes / (ceilings["copy_gbps"] * 1e6))

@@ -3,7 +3,7 @@
 # of value, each under its own time cap, everything written under $OUT as it goes.
 #
 #   bash bench/device_run.sh [SECONDS]      # default 540: fits one 600 s device call
-#   STEPS="install regularizer step" bash bench/device_run.sh 300   # a later call: the rest
+#   STEPS="install crossover" bash bench/device_run.sh 300   # a later call: the rest
 #   PRESET=smoke ...                        # bench.report --preset (default: gpu on CUDA)
 #
 # Steps (each is cut at its cap or at what is left of SECONDS, whichever is first; a cut
@@ -11,11 +11,14 @@
 # which bench.report rewrites after every measurement):
 #   1. env: nvidia-smi, python, torch, triton, numpy versions
 #   2. install: pip install --no-deps --no-build-isolation -e . (the device has no network)
-#   3. tests: the kernel, dispatch, compile and mixed-precision tests and the bench
-#      agreement checks, on CUDA (untuned, see conftest; the CUDA autotune tests tune)
-#   4. bench.report --only layers, then regularizer, step, crossover, inference
-# The last lines printed are a summary: each step's exit code and seconds, the test tally,
-# failed tests and the benchmark tables, so the device tool's output tail shows the results.
+#   3. tests: the kernel, dispatch, compile, integration and mixed-precision tests and the
+#      bench agreement checks, on CUDA (untuned, see conftest; the CUDA autotune tests tune)
+#   4. bench.report --only layers; then regularizer, step and inference in one process (the
+#      regularizer's share of a step needs both); then crossover with whatever time is left
+# Caps (seconds): install 60, tests 150, layers 180, models 150, crossover the rest; they
+# sum to the default 540. A case that fails is recorded and the group goes on.
+# The last lines printed are the benchmark tables, the failed tests and then a summary (each
+# step's exit code and seconds, the test tally), so the device tool's output tail shows them.
 # The script exits with the worst step's exit code (0 only if every step ran and passed).
 # Copy $OUT/results/*.json and *.md into bench/results/ afterwards.
 set -uo pipefail
@@ -28,7 +31,7 @@ summary="$out/summary.txt"
 : > "$summary"
 worst=0
 
-steps=" ${STEPS:-install tests layers regularizer step crossover inference} "
+steps=" ${STEPS:-install tests layers models crossover} "
 
 left() { echo $(( budget - (SECONDS - start) )); }
 wanted() { [[ $steps == *" $1 "* ]]; }
@@ -62,23 +65,29 @@ print("device:", torch.cuda.get_device_name(0), "| SMs:",
 } > "$out/env.log" 2>&1
 tail -3 "$out/env.log" | tee -a "$summary"
 
-wanted install && step install 120 python3 -m pip install --no-deps --no-build-isolation -e .
+wanted install && step install 60 python3 -m pip install --no-deps --no-build-isolation -e .
 if wanted tests; then
-    step tests 240 python3 -m pytest -q -rfEs -p no:cacheprovider --benchmark-disable \
+    step tests 150 python3 -m pytest -q -rfEs -p no:cacheprovider --benchmark-disable \
         --junitxml="$out/tests.xml" tests/test_linear_kernels.py \
         tests/test_regularizer_kernels.py tests/test_dispatch.py tests/test_compile.py \
-        tests/test_mixed_precision.py bench/test_layers.py
+        tests/test_integration.py tests/test_mixed_precision.py bench/test_layers.py \
+        bench/test_models.py
     [ -e "$out/tests.log" ] && tail -1 "$out/tests.log" | sed 's/^/tests: /' | tee -a "$summary"
 fi
-for group in layers regularizer step crossover inference; do
-    wanted "$group" && step "bench-$group" 300 python3 -m bench.report --only "$group" \
+report() {  # report NAME CAP GROUP...: one bench.report process for these groups
+    local name=$1 cap=$2
+    shift 2
+    step "bench-$name" "$cap" python3 -m bench.report --only "$@" \
         ${PRESET:+--preset "$PRESET"} --out "$out/results"
-done
+}
+wanted layers && report layers 180 layers
+wanted models && report models 150 regularizer step inference
+wanted crossover && report crossover 600 crossover
 
-echo
-cat "$summary"
-grep -h "^FAILED\|^ERROR" "$out/tests.log" 2>/dev/null | head -20
 for md in "$out"/results/*.md; do
     [ -e "$md" ] && { echo; cat "$md"; }
 done
+echo
+grep -h "^FAILED\|^ERROR" "$out/tests.log" 2>/dev/null | head -20
+cat "$summary"
 exit "$worst"

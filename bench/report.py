@@ -20,6 +20,7 @@ import argparse
 import datetime
 import fnmatch
 import json
+import os
 import platform
 import re
 import sys
@@ -37,7 +38,7 @@ from .cases import (INFERENCE_ALTERNATIVES, INFERENCE_RANK_FRACTION, LAYER_ALTER
                     inference_case, layer_case, layer_shapes, regularizer_case,
                     regularizer_work, step_case)
 from .config import PRESETS, Preset, default_device
-from .timing import measure_ceilings, median_ms
+from .timing import measure_ceilings, time_ms
 
 GROUPS = ("layers", "crossover", "regularizer", "step", "inference")
 MODEL_GROUPS = ("regularizer", "step", "inference")  # the groups that --models selects for
@@ -50,14 +51,18 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
-def record(group: str, case: str, alternative: str, ms: float, ceilings: dict,
-           flops: int | None = None, nbytes: int | None = None) -> dict:
-    row = {"group": group, "case": case, "alternative": alternative, "time_ms": ms,
+def record(group: str, case: str, alternative: str, timing: dict, ceilings: dict,
+           flops: int | None = None, nbytes: int | None = None,
+           rate: str = "matmul_tflops") -> dict:
+    """One result row: `timing` (bench.timing.time_ms), and with the work given, TFLOP/s,
+    GB/s and the roofline floor at the ceiling `rate`."""
+    ms = timing["time_ms"]
+    row = {"group": group, "case": case, "alternative": alternative, **timing,
            "flops": flops, "bytes": nbytes}
     if flops is not None and nbytes is not None:
-        floor = cost.floor_ms(flops, nbytes, ceilings)
+        floor = cost.floor_ms(flops, nbytes, ceilings, rate)
         row.update(tflops=flops / (ms * 1e9), gbps=nbytes / (ms * 1e6), floor_ms=floor,
-                   floor_fraction=floor / ms)
+                   floor_fraction=floor / ms, floor_rate=rate)
     return row
 
 
@@ -72,10 +77,21 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
     rows: list[dict] = []
     report = {"meta": meta, "ceilings": ceilings, "results": rows}
 
-    def timed(group, case, alternative, fn, **work):
-        rows.append(record(group, case, alternative, median_ms(fn, device, p.min_time_s),
-                           ceilings, **work))
-        log(f"{group:12s} {case:55s} {alternative:20s} {rows[-1]['time_ms']:10.4f} ms")
+    def timed(group, case, alternative, build, extra=None, **work):
+        """Build the case (`build()` returns the callable) and time it; a case that fails
+        is recorded with its error and the run goes on (an OOM or a compiler error in one
+        case must not cost the rest of the group)."""
+        try:
+            row = record(group, case, alternative, time_ms(build(), device, p.min_time_s),
+                         ceilings, **work)
+            log(f"{group:12s} {case:55s} {alternative:20s} {row['time_ms']:10.4f} ms")
+        except Exception as exc:  # noqa: BLE001 (recorded, reported in the markdown)
+            row = {"group": group, "case": case, "alternative": alternative,
+                   "time_ms": None, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            log(f"{group:12s} {case:55s} {alternative:20s} ERROR {row['error'][:200]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append({**row, **(extra or {})})
         if on_row is not None:
             on_row(report)
 
@@ -87,7 +103,7 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
     if "layers" in groups:
         for shape in selected(layer_shapes(p)):
             for alt in LAYER_ALTERNATIVES:
-                timed("layers", shape.id, alt, layer_case(shape, alt, p, device),
+                timed("layers", shape.id, alt, lambda: layer_case(shape, alt, p, device),
                       flops=shape.flops(alt), nbytes=shape.bytes(alt, itemsize))
     if "crossover" in groups:
         for shape in selected(crossover_shapes(p)):
@@ -95,23 +111,24 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
             for path in crossover_paths(shape, p, device):
                 if path == "fused" and device.type != "cuda":
                     continue  # off a GPU the fused path is Triton's interpreter: not timed
-                timed("crossover", shape.id, path, crossover_case(shape, path, p, device),
-                      flops=shape.flops(path))
                 kind = " (conv)" if isinstance(shape, ConvShape) else ""
-                rows[-1].update(layer=f"{shape.model}.{shape.layer}{kind}", rows=shape.rows,
-                                n=shape.n, m=shape.m, rank=shape.rank, dispatch=dispatched)
+                timed("crossover", shape.id, path,
+                      lambda: crossover_case(shape, path, p, device), flops=shape.flops(path),
+                      extra=dict(layer=f"{shape.model}.{shape.layer}{kind}", rows=shape.rows,
+                                 n=shape.n, m=shape.m, rank=shape.rank, dispatch=dispatched))
     for model in models:
         if "regularizer" in groups:
             mats, flops, nbytes = regularizer_work(model, p, device)
-            for alt in REGULARIZER_ALTERNATIVES:
+            for alt in REGULARIZER_ALTERNATIVES:  # fp32 factors, IEEE dots (no TF32)
                 timed("regularizer", f"{model} ({mats} matrices)", alt,
-                      regularizer_case(model, alt, p, device), flops=flops, nbytes=nbytes)
+                      lambda: regularizer_case(model, alt, p, device), flops=flops,
+                      nbytes=nbytes, rate="fp32_ieee_tflops")
         if "step" in groups:
             for alt in STEP_ALTERNATIVES:
-                timed("step", model, alt, step_case(model, alt, p, device))
+                timed("step", model, alt, lambda: step_case(model, alt, p, device))
         if "inference" in groups:
             for alt in INFERENCE_ALTERNATIVES:
-                timed("inference", model, alt, inference_case(model, alt, p, device))
+                timed("inference", model, alt, lambda: inference_case(model, alt, p, device))
     return report
 
 
@@ -177,6 +194,7 @@ def _by_case(rows: list[dict], group: str) -> dict[str, dict[str, dict]]:
 
 
 def _t(alts: dict, name: str) -> float | None:
+    """Time of alternative `name` (None: not timed, or it failed)."""
     return alts[name]["time_ms"] if name in alts else None
 
 
@@ -191,28 +209,32 @@ def markdown(report: dict) -> str:
             "path." if versus_svdkern else ""),
         f"Ceilings measured in this run: copy {ceil['copy_gbps']:.1f} GB/s "
         f"({ceil['copy_bytes'] >> 20} MiB moved), matmul {ceil['matmul_tflops']:.3g} TFLOP/s "
-        f"({ceil['matmul_n']}^3, {ceil['matmul_dtype']}). Times are medians in ms" + (
+        f"({ceil['matmul_n']}^3, {ceil['matmul_dtype']}; fp32 without TF32 "
+        f"{ceil['fp32_ieee_tflops']:.3g}). Times are medians in ms" + (
             "; `A/svdkern` = time of A / time of svdkern (above 1: svdkern faster)."
             if versus_svdkern else "."), ""]
     layers = _by_case(rows, "layers")
     if layers:
         lines += ["## Layer forward + backward (`x (B, n) -> (B, m)` at rank r)", "",
                   "| case | dense | eager ref | compiled ref | svdkern | svdkern TFLOP/s | GB/s "
-                  "| floor | % of floor | dense/svdkern | eager/svdkern | compiled/svdkern |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| floor | % of floor | dense/svdkern | eager/svdkern | compiled/svdkern "
+                  "| svdkern host ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for case, alts in layers.items():
             k = alts.get("svdkern")
-            if k is None:
-                continue  # a run cut short before svdkern was timed (its JSON has the rest)
+            if k is None or k["time_ms"] is None:
+                continue  # cut short before svdkern was timed, or it failed (see Errors)
             lines.append(
                 f"| {case} | {_ms(_t(alts, 'dense'))} | {_ms(_t(alts, 'eager reference'))} | "
                 f"{_ms(_t(alts, 'compiled reference'))} | {_ms(k['time_ms'])} | "
                 f"{k['tflops']:.3g} | {k['gbps']:.3g} | {_ms(k['floor_ms'])} | "
                 f"{100 * k['floor_fraction']:.1f}% | {_x(_t(alts, 'dense'), k['time_ms'])} | "
                 f"{_x(_t(alts, 'eager reference'), k['time_ms'])} | "
-                f"{_x(_t(alts, 'compiled reference'), k['time_ms'])} |")
+                f"{_x(_t(alts, 'compiled reference'), k['time_ms'])} | "
+                f"{_ms(k.get('host_ms'))} |")
         lines += ["", "TFLOP/s and the floor count the cheaper of the factorized chain and the "
-                  "materialized path (bench/cost.py); dense rows count the dense GEMMs.", ""]
+                  "materialized path (bench/cost.py); dense rows count the dense GEMMs. "
+                  "`host ms`: Python's time to issue one call (GPU only); near the svdkern "
+                  "time, the row measures launch overhead rather than kernels.", ""]
     crossover = _by_case(rows, "crossover")
     if crossover:
         lines += ["## Dispatch crossovers (forward + backward of each path, forced)", "",
@@ -220,7 +242,10 @@ def markdown(report: dict) -> str:
                   "dispatch picks | dispatch / fastest |", "|---|---|---|---|---|---|---|---|---|---|"]
         for alts in crossover.values():
             first = next(iter(alts.values()))
-            fastest = min(alts, key=lambda a: alts[a]["time_ms"])
+            timed_alts = [a for a in alts if alts[a]["time_ms"] is not None]
+            if not timed_alts:
+                continue
+            fastest = min(timed_alts, key=lambda a: alts[a]["time_ms"])
             picked = first["dispatch"]
             lines.append(
                 f"| {first['layer']} | {first['n']} x {first['m']} | {first['rank']} | "
@@ -238,7 +263,7 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for case, alts in reg.items():
             k = alts.get("svdkern")
-            if k is None:
+            if k is None or k["time_ms"] is None:
                 continue
             step = _t(steps.get(case.split(" ")[0], {}), "svdkern")
             share = "-" if step is None else f"{100 * k['time_ms'] / step:.1f}%"
@@ -247,7 +272,8 @@ def markdown(report: dict) -> str:
                          f"{_ms(k['floor_ms'])} | {100 * k['floor_fraction']:.1f}% | "
                          f"{_x(_t(alts, 'eager loop'), k['time_ms'])} | "
                          f"{_x(_t(alts, 'compiled loop'), k['time_ms'])} | {share} |")
-        lines.append("")
+        lines += ["", "The floor counts the fp32 factors' work at the fp32 rate without TF32 "
+                  "(the kernels' dots are IEEE for fp32).", ""]
     if steps:
         lines += ["## Training step (forward, backward, regularizer, Adam)", "",
                   "| model | dense | SVD reference | svdkern | svdkern/dense time "
@@ -267,6 +293,13 @@ def markdown(report: dict) -> str:
             lines.append(f"| {case} | {_ms(_t(alts, 'dense'))} | "
                          f"{_ms(_t(alts, 'exported low-rank'))} | "
                          f"{_x(_t(alts, 'dense'), _t(alts, 'exported low-rank'))} |")
+        lines.append("")
+    errors = [row for row in rows if row.get("error")]
+    if errors:
+        lines += ["## Errors (cases that failed; the run went on)", "",
+                  "| group | case | alternative | error |", "|---|---|---|---|"]
+        lines += [f"| {r['group']} | {r['case']} | {r['alternative']} | "
+                  f"{r['error'][:200].replace('|', '/')} |" for r in errors]
         lines.append("")
     return "\n".join(lines)
 
@@ -300,8 +333,10 @@ def main(argv: list[str] | None = None) -> None:
     stem = args.out / f"{device_slug(device)}-{today}{suffix}"
 
     def write(report: dict) -> None:  # after every row: a run cut short keeps what it timed
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        stem.with_suffix(".md").write_text(markdown(report))
+        for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
+            part = stem.with_suffix(suffix + ".part")  # replaced whole: a cut leaves no half file
+            part.write_text(text)
+            os.replace(part, stem.with_suffix(suffix))
     write(run(p, device, args.only, args.models, log=lambda s: print(s, flush=True),
               cases=args.cases, on_row=write))
     print(f"wrote {stem}.json and {stem}.md")
