@@ -86,14 +86,18 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
                          ceilings, **work)
             log(f"{group:12s} {case:55s} {alternative:20s} {row['time_ms']:10.4f} ms")
         except Exception as exc:  # noqa: BLE001 (recorded, reported in the markdown)
-            row = {"group": group, "case": case, "alternative": alternative,
-                   "time_ms": None, "error": f"{type(exc).__name__}: {exc}"[:500]}
-            log(f"{group:12s} {case:55s} {alternative:20s} ERROR {row['error'][:200]}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            row = failed(group, case, alternative, exc)
         rows.append({**row, **(extra or {})})
         if on_row is not None:
             on_row(report)
+
+    def failed(group, case, alternative, exc) -> dict:
+        row = {"group": group, "case": case, "alternative": alternative,
+               "time_ms": None, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        log(f"{group:12s} {case:55s} {alternative:20s} ERROR {row['error'][:200]}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return row
 
     def selected(shapes):
         return [s for s in shapes
@@ -118,11 +122,18 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
                                  n=shape.n, m=shape.m, rank=shape.rank, dispatch=dispatched))
     for model in models:
         if "regularizer" in groups:
-            mats, flops, nbytes = regularizer_work(model, p, device)
-            for alt in REGULARIZER_ALTERNATIVES:  # fp32 factors, IEEE dots (no TF32)
-                timed("regularizer", f"{model} ({mats} matrices)", alt,
-                      lambda: regularizer_case(model, alt, p, device), flops=flops,
-                      nbytes=nbytes, rate="fp32_ieee_tflops")
+            try:  # the first use of the SVD model: its decomposition may fail (OOM)
+                work = regularizer_work(model, p, device)
+            except Exception as exc:  # noqa: BLE001 (recorded; step and inference go on)
+                rows.extend(failed("regularizer", model, alt, exc)
+                            for alt in REGULARIZER_ALTERNATIVES)
+                work = None
+            if work is not None:
+                mats, flops, nbytes = work
+                for alt in REGULARIZER_ALTERNATIVES:  # fp32 factors, IEEE dots (no TF32)
+                    timed("regularizer", f"{model} ({mats} matrices)", alt,
+                          lambda: regularizer_case(model, alt, p, device), flops=flops,
+                          nbytes=nbytes, rate="fp32_ieee_tflops")
         if "step" in groups:
             for alt in STEP_ALTERNATIVES:
                 timed("step", model, alt, lambda: step_case(model, alt, p, device))

@@ -113,3 +113,16 @@ def test_a_failing_case_is_recorded_and_the_group_goes_on(preset, device, monkey
     text = report_module.markdown(report)
     assert "## Errors" in text and "out of memory (simulated)" in text
     assert all(f"| {case} |" in text for case in wanted)  # svdkern timed: rows stay
+
+
+def test_a_model_whose_svd_form_fails_still_times_its_other_groups(preset, device, monkeypatch):
+    from . import report as report_module
+
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(report_module, "regularizer_work", out_of_memory)
+    report = report_module.run(preset, device, ["regularizer", "inference"], models=("gpt2",),
+                               log=lambda _: None)
+    groups = [(r["group"], bool(r.get("error"))) for r in report["results"]]
+    assert ("regularizer", True) in groups and ("inference", False) in groups
+    assert "out of memory (simulated)" in report_module.markdown(report)

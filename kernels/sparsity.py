@@ -52,9 +52,10 @@ def _sparsity_kernel(flat, offsets, losses, grad, num_segments, HOYER: tl.conste
         lo = tl.load(offsets + seg)
         hi = tl.load(offsets + seg + 1)
         # Hoyer is scale-invariant: it is taken of s / max|s| (no underflow of s^2 for tiny
-        # s, no overflow for huge s); an all-zero s has loss and gradient 0 (as the
+        # s, no overflow for huge s; a division, not a product with 1/max|s|, which
+        # overflows for a subnormal max); an all-zero s has loss and gradient 0 (as the
         # reference: no direction to sparsify)
-        inv_peak = tl.full((), 1.0, acc_dtype)
+        scale = tl.full((), 1.0, acc_dtype)
         if HOYER:
             peak = tl.zeros((BLOCK,), dtype=acc_dtype)
             for start in range(lo, hi, BLOCK):
@@ -62,12 +63,14 @@ def _sparsity_kernel(flat, offsets, losses, grad, num_segments, HOYER: tl.conste
                 x = tl.load(flat + idx, mask=idx < hi, other=0.0).to(acc_dtype)
                 peak = tl.maximum(peak, tl.abs(x))
             top = tl.max(peak, axis=0)
-            inv_peak = _ieee_div(inv_peak, tl.where(top > 0, top, 1.0).to(acc_dtype))
+            scale = tl.where(top > 0, top, 1.0).to(acc_dtype)
         l1 = tl.zeros((BLOCK,), dtype=acc_dtype)
         l2 = tl.zeros((BLOCK,), dtype=acc_dtype)
         for start in range(lo, hi, BLOCK):
             idx = start + lanes
-            x = tl.load(flat + idx, mask=idx < hi, other=0.0).to(acc_dtype) * inv_peak
+            x = tl.load(flat + idx, mask=idx < hi, other=0.0).to(acc_dtype)
+            if HOYER:
+                x = _ieee_div(x, scale)
             l1 += tl.abs(x)
             l2 += x * x
         norm1 = tl.sum(l1, axis=0)
@@ -83,10 +86,10 @@ def _sparsity_kernel(flat, offsets, losses, grad, num_segments, HOYER: tl.conste
             x = tl.load(flat + idx, mask=idx < hi, other=0.0).to(acc_dtype)
             sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)).to(acc_dtype)
             if HOYER:
-                # of t = s / max|s|: (sign - (||t||_1/||t||_2) (t/||t||_2)) / (||t||_2 max|s|);
+                # of t = s / max|s|: (sign - (||t||_1/||t||_2) (t/||t||_2)) / ||t||_2 / max|s|;
                 # for a length-1 s both ratios are exactly 1, so its gradient is 0
-                g = (sign - _ieee_div(norm1, norm2) * _ieee_div(x * inv_peak, norm2)) \
-                    * _ieee_div(inv_peak, norm2)
+                g = sign - _ieee_div(norm1, norm2) * _ieee_div(_ieee_div(x, scale), norm2)
+                g = _ieee_div(_ieee_div(g, norm2), scale)
             else:
                 g = sign
             tl.store(grad + idx, g, mask=idx < hi)

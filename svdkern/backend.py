@@ -130,9 +130,9 @@ def triton_can_run(device: torch.device) -> bool:
 
 def func_transform_active() -> bool:
     """Whether a `torch.func` transform (vmap, grad, jacrev, functional per-sample gradients)
-    wraps the current call: the custom ops have no functorch rules, so the reference runs.
-    Not asked while compiling (dynamo inlines the transforms' bodies itself)."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    wraps the current call, eager or compiled (dynamo traces the query): the custom ops
+    have no functorch rules, so the reference runs."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def resolve(device: torch.device) -> str:

@@ -1,13 +1,14 @@
 """`decompose`: replace a model's Linear and Conv2d layers by their exact SVD form."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .layers import SVDConv2d, SVDLayer, SVDLinear
+from .layers import SVDConv2d, SVDLinear
 from .reference import SCHEMES
 
 
@@ -19,39 +20,57 @@ def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (
     patterns left dense. Every layer is validated and converted before any is swapped in,
     so a failure leaves the model unchanged. A layer used at several places becomes one SVD
     layer at all of them; frozen weights, train/eval mode and module hooks carry over. Layers
-    whose SVD form would compute something else are refused by name: subclasses with their
-    own forward, parametrized weights, weights tied to another module. A bare Linear/Conv2d
-    model is returned as its SVD layer.
+    whose SVD form would compute something else are refused by name (`convertible_layers`).
+    A bare Linear/Conv2d model is returned as its SVD layer.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"decompose: unknown scheme {scheme!r}; expected one of {SCHEMES}")
-    replacements, is_skipped, paths = {}, skip_matcher(skip), module_paths(model)
-    owners = _owners(model)
-    for name, module in model.named_modules():
-        if isinstance(module, SVDLayer) or any(map(is_skipped, paths[id(module)])):
-            continue
-        label = name or type(module).__name__
-        try:
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                _check_convertible(label, module, paths, owners)
-            if isinstance(module, nn.Linear):
-                replacements[name] = SVDLinear.from_dense(module, name=label)
-            elif isinstance(module, nn.Conv2d):
-                replacements[name] = SVDConv2d.from_dense(module, scheme=scheme, name=label)
-        except ValueError as exc:
-            raise ValueError(f"{exc} (pass skip=[{label!r}] to keep this layer dense)") from exc
+    replacements = {}
+    for name, module in convertible_layers(model, skip):
+        with _skip_hint(name or type(module).__name__) as label:
+            replacements[name] = (SVDLinear.from_dense(module, name=label)
+                                  if isinstance(module, nn.Linear) else
+                                  SVDConv2d.from_dense(module, scheme=scheme, name=label))
     return replace_modules(model, replacements)
+
+
+def convertible_layers(model: nn.Module, skip: str | Iterable[str] = ()
+                       ) -> list[tuple[str, nn.Module]]:
+    """Every `nn.Linear` / `nn.Conv2d` of `model` (once per instance, by its first path)
+    that `skip` matches at none of its paths, each checked to compute what its SVD form
+    would: a ValueError names a layer whose own `forward` (on its class or the instance)
+    would not run, whose weight is reparametrized (parametrize, weight_norm, spectral_norm)
+    or tied to another module's."""
+    is_skipped, paths, owners = skip_matcher(skip), module_paths(model), _owners(model)
+    found = []
+    for name, module in model.named_modules():
+        if (not isinstance(module, (nn.Linear, nn.Conv2d))
+                or any(map(is_skipped, paths[id(module)]))):
+            continue
+        with _skip_hint(name or type(module).__name__) as label:
+            _check_convertible(label, module, paths, owners)
+        found.append((name, module))
+    return found
+
+
+@contextlib.contextmanager
+def _skip_hint(label: str) -> Iterator[str]:
+    """Add to a ValueError about layer `label` how to keep it dense."""
+    try:
+        yield label
+    except ValueError as exc:
+        raise ValueError(f"{exc} (pass skip=[{label!r}] to keep this layer dense)") from exc
 
 
 def _check_convertible(label: str, module: nn.Module, paths: dict[int, list[str]],
                        owners: dict[int, set[int]]) -> None:
     """A ValueError if `module`'s SVD form would not compute what `module` computes now."""
     base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
-    own = [f for f in ("forward", "_conv_forward")
-           if hasattr(base, f) and getattr(type(module), f) is not getattr(base, f)]
+    own = [f for f in ("forward", "_conv_forward") if f in vars(module) or
+           (hasattr(base, f) and getattr(type(module), f) is not getattr(base, f))]
     if own:
-        raise ValueError(f"{label}: {type(module).__name__} overrides {own[0]}, which its SVD "
-                         f"form would not run")
+        raise ValueError(f"{label}: {type(module).__name__} has its own {own[0]}, which its "
+                         f"SVD form would not run")
     if parametrize.is_parametrized(module) or not isinstance(module.weight, nn.Parameter):
         raise ValueError(f"{label}: its weight is reparametrized (torch.nn.utils.parametrize, "
                          "weight_norm, spectral_norm); the SVD form would drop that")

@@ -16,7 +16,9 @@ cases (the others within 1.5x); no GPU crossover has been measured yet.
 """
 from __future__ import annotations
 
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from typing import Callable
+
+import torch
 
 from .reference import ConvSpec, conv_chain_geometry
 
@@ -68,19 +70,25 @@ def conv_chain_and_dense_flops(x_shape: tuple[int, ...], spec: ConvSpec,
 
 
 def factorization_pays(rows: int, cols: int, r: int) -> bool:
-    """docs/SPEC.md rule: a rows x cols matrix is smaller, and its chain cheaper at large
-    batch, as rank-r factors exactly while `r (rows + cols) < rows cols`."""
+    """docs/SPEC.md rule: a rows x cols matrix takes fewer parameters (and a linear layer's
+    chain fewer FLOPs per row) as rank-r factors exactly while `r (rows + cols) < rows cols`."""
     return r * (rows + cols) < rows * cols
 
 
-def cheaper(chain: int, materialized: int, rows: int, cols: int, r: int) -> str:
-    """"materialized" when it costs strictly fewer FLOPs, else "chain" (it needs no m x n
-    buffer). With symbolic sizes (torch.export, dynamic torch.compile) where the comparison is
-    not settled by the shapes' ranges, comparing would guard on the batch (export refuses it,
-    compile recompiles at the crossover): the large-batch limit, `factorization_pays` of the
-    rows x cols (per group) rank-r matrix, decides instead."""
-    if statically_known_true(materialized < chain):
-        return "materialized"
-    if statically_known_true(chain <= materialized):
-        return "chain"
-    return "chain" if factorization_pays(rows, cols, r) else "materialized"
+def cheaper(chain: int, materialized: int,
+            per_row: Callable[[], tuple[int, int]]) -> tuple[str, bool]:
+    """("materialized" when it costs strictly fewer FLOPs, else "chain", which needs no
+    m x n buffer; whether the sizes settled it). With symbolic sizes (torch.export, dynamic
+    torch.compile) comparing would guard on the batch (export refuses it, compile
+    recompiles at the crossover): unless the sizes' ranges settle it, the large-batch limit
+    decides, the (chain, materialized) FLOPs each batch row adds (`per_row()`), and the chain
+    where even that is symbolic."""
+    if not torch.compiler.is_compiling() and isinstance(chain, int) and isinstance(materialized, int):
+        return ("materialized" if materialized < chain else "chain"), True
+    from torch.fx.experimental.symbolic_shapes import statically_known_true  # loads sympy
+    for path, settled in (("materialized", materialized < chain), ("chain", chain <= materialized)):
+        if statically_known_true(settled):
+            return path, True
+    chain_row, materialized_row = per_row()
+    return ("materialized" if statically_known_true(materialized_row < chain_row)
+            else "chain"), False

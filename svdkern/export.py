@@ -39,7 +39,7 @@ def export(model: nn.Module, form: str = "lowrank") -> nn.Module:
         layer.check_finite()
     out = copy.deepcopy(model)
     if isinstance(out, SVDLayer):
-        return plain_layers(out, form)
+        return replace_modules(out, {"": plain_layers(out, form)})
     merged = {f"{name}.{child}" if name else child for name, module in out.named_modules()
               for kind, children in DENSE_UNDER.items() if isinstance(module, kind)
               for child in children}
@@ -57,24 +57,30 @@ def plain_layers(layer: SVDLayer, form: str) -> nn.Module:
     raise TypeError(f"{layer.layer_name}: cannot export {type(layer).__name__}")
 
 
-def _new_like(module_cls, *args, weight, bias, **kwargs) -> nn.Module:
+def _new_like(module_cls, *args, weight, bias, trainable: bool, **kwargs) -> nn.Module:
+    """A plain layer holding `weight` (frozen unless `trainable`, as the factors were) and
+    `bias` (as frozen as it was)."""
     layer = module_cls(*args, bias=bias is not None, device=weight.device, dtype=weight.dtype,
                        **kwargs)
     layer.weight.copy_(weight)
+    layer.weight.requires_grad_(trainable)
     if bias is not None:
         layer.bias.copy_(bias)
+        layer.bias.requires_grad_(bias.requires_grad)
     return layer
 
 
 def _linear_dense(layer: SVDLinear) -> nn.Linear:
     return _new_like(nn.Linear, layer.in_features, layer.out_features,
-                     weight=layer.weight, bias=layer.bias)
+                     weight=layer.weight, bias=layer.bias, trainable=layer.U.requires_grad)
 
 
 def _linear_lowrank(layer: SVDLinear) -> nn.Sequential:
-    first = _new_like(nn.Linear, layer.in_features, layer.rank, weight=layer.V.t(), bias=None)
+    trainable = layer.U.requires_grad
+    first = _new_like(nn.Linear, layer.in_features, layer.rank, weight=layer.V.t(), bias=None,
+                      trainable=trainable)
     second = _new_like(nn.Linear, layer.rank, layer.out_features,
-                       weight=layer.U * layer.s, bias=layer.bias)
+                       weight=layer.U * layer.s, bias=layer.bias, trainable=trainable)
     return nn.Sequential(first, second)
 
 
@@ -83,16 +89,18 @@ def _conv_dense(layer: SVDConv2d) -> nn.Conv2d:
     return _new_like(nn.Conv2d, sp.in_channels, sp.out_channels, sp.kernel_size,
                      stride=sp.stride, padding=sp.padding, dilation=sp.dilation,
                      groups=sp.groups, padding_mode=sp.padding_mode,
-                     weight=layer.weight, bias=layer.bias)
+                     weight=layer.weight, bias=layer.bias, trainable=layer.U.requires_grad)
 
 
 def _conv_lowrank(layer: SVDConv2d) -> nn.Sequential:
     sp = layer.spec
     w1, w2 = reference.conv_chain_weights(layer.U, layer.s, layer.V, sp)
     geo1, geo2 = reference.conv_chain_geometry(sp)
-    hidden = w1.shape[0]
+    hidden, trainable = w1.shape[0], layer.U.requires_grad
     first = _new_like(nn.Conv2d, sp.in_channels, hidden, tuple(w1.shape[2:]), groups=sp.groups,
-                      padding_mode=sp.padding_mode, weight=w1, bias=None, **geo1)
+                      padding_mode=sp.padding_mode, weight=w1, bias=None, trainable=trainable,
+                      **geo1)
     second = _new_like(nn.Conv2d, hidden, sp.out_channels, tuple(w2.shape[2:]), groups=sp.groups,
-                       padding_mode=sp.padding_mode, weight=w2, bias=layer.bias, **geo2)
+                       padding_mode=sp.padding_mode, weight=w2, bias=layer.bias,
+                       trainable=trainable, **geo2)
     return nn.Sequential(first, second)

@@ -157,6 +157,12 @@ class SVDLayer(nn.Module):
     def _check_input(self, x: Tensor, expected_dims: tuple[int, ...] | None, feature_dim: int,
                      features: int) -> None:
         """Clear errors for inputs the layer cannot take (`expected_dims` None: any >= 1)."""
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError(f"{self.layer_name}: torch.fx symbolic tracing cannot enter an SVD "
+                            "layer (its dispatch reads the input's shape): trace SVD layers as "
+                            "leaf modules (a Tracer whose is_leaf_module is True for "
+                            "svdkern.SVDLayer; torchvision's feature extraction takes "
+                            "tracer_kwargs={'leaf_modules': [SVDLinear, SVDConv2d]})")
         if not torch.is_floating_point(x):
             raise TypeError(f"{self.layer_name}: expected a floating-point input, got {x.dtype}")
         if x.device != self.U.device:

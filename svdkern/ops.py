@@ -52,24 +52,36 @@ def _linear_plan(x: Tensor, U: Tensor, V: Tensor) -> tuple[str, str, int, int]:
     fits = fused.fits(r, x.dtype)
     if requested == "triton" and engine == "triton" and fits:
         return "fused", "SVDKERN_BACKEND=triton", chain, mat
-    if cost.cheaper(chain, mat, m, n, r) == "materialized":
-        return "materialized", "dense GEMM on W = (U*s) V^T costs fewer FLOPs", chain, mat
+    path, settled = cost.cheaper(chain, mat, lambda: _per_row(
+        lambda rows: cost.linear_flops(rows, n, m, r)))
+    fewer = "costs fewer FLOPs" if settled else "costs fewer FLOPs at large batch (symbolic sizes)"
+    if path == "materialized":
+        return "materialized", f"dense GEMM on W = (U*s) V^T {fewer}", chain, mat
     if engine == "triton" and fits:
-        return "fused", "factorized chain costs fewer FLOPs; Triton kernel", chain, mat
+        return "fused", f"factorized chain {fewer}; Triton kernel", chain, mat
     why = ("a torch.func transform is active (the fused op has no functorch rules)"
            if backend.func_transform_active() else
            "Triton cannot run on this device" if engine != "triton" else
            f"rank {r} > {cost.MAX_FUSED_RANK} or dtype {x.dtype} is beyond the fused kernel")
-    return "chain", f"factorized chain costs fewer FLOPs; {why}", chain, mat
+    return "chain", f"factorized chain {fewer}; {why}", chain, mat
+
+
+def _per_row(flops_at) -> tuple[int, int]:
+    """(chain, materialized) FLOPs one more batch row (image, for convs) adds: the slope of
+    `flops_at(rows)`, whose comparison is the large-batch limit."""
+    (chain2, mat2), (chain1, mat1) = flops_at(2), flops_at(1)
+    return chain2 - chain1, mat2 - mat1
 
 
 def _conv_plan(x: Tensor, U: Tensor, spec: ConvSpec) -> tuple[str, str, int, int]:
     chain, mat = cost.conv_flops(tuple(x.shape), spec, U.shape[-1])
     if backend.requested() == "reference":
         return "chain", "SVDKERN_BACKEND=reference", chain, mat
-    path = cost.cheaper(chain, mat, *spec.matrix_shape, U.shape[-1])
+    path, settled = cost.cheaper(chain, mat, lambda: _per_row(
+        lambda images: cost.conv_flops((images, *x.shape[-3:]), spec, U.shape[-1])))
     how = "one dense conv on the built weight" if path == "materialized" else "two thin convs"
-    return path, f"fewer FLOPs as {how}", chain, mat
+    at = "" if settled else " at large batch (symbolic sizes)"
+    return path, f"fewer FLOPs as {how}{at}", chain, mat
 
 
 def explain(x: Tensor, U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec | None = None) -> Plan:

@@ -176,9 +176,10 @@ def _hoyer(s: Tensor) -> Tensor:
     without the underflow of `s^2` for tiny `s` (inf) or its overflow for huge `s`; 0, with
     gradient 0, for an all-zero `s` (no direction to sparsify: the official code skips it)."""
     peak = s.detach().abs().max()
-    t = s / torch.where(peak > 0, peak, 1)
-    norm2 = torch.linalg.vector_norm(t)
-    return t.abs().sum() / torch.where(norm2 > 0, norm2, 1)
+    nonzero = peak > 0
+    # an all-zero s takes a stand-in of ones, masked out: no 0/0 in any derivative order
+    t = torch.where(nonzero, s / torch.where(nonzero, peak, 1), torch.ones_like(s))
+    return torch.where(nonzero, t.abs().sum() / torch.linalg.vector_norm(t), 0)
 
 
 def _fp32(t: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from .convert import replace_modules, skip_matcher
+from .convert import convertible_layers, replace_modules
 from .layers import SVDConv2d, SVDLinear, _explicit_padding, require_finite
 from .reference import (SCHEMES, ConvSpec, check_energy, check_rank_multiple,
                         conv_matrix_to_weight, conv_weight_to_matrix, kept_rank)
@@ -35,8 +35,10 @@ class TRP:
     `energy` is the fraction of `sum s_j^2` a truncation may drop (0.1 keeps 0.9, the
     official default); `scheme` picks the conv matrix layout ("channel" or "spatial");
     `skip` names or glob patterns of layers left alone, as in `svdkern.decompose`; layers
-    whose weight is frozen are left alone too; `rank_multiple` rounds the kept ranks up as
-    in `svdkern.prune`.
+    whose weight is frozen are left alone too; layers whose SVD form would compute
+    something else are refused by name up front, as `decompose` refuses them
+    (`convert.convertible_layers`); `rank_multiple` rounds the kept ranks up as in
+    `svdkern.prune`.
     """
 
     def __init__(self, model: nn.Module, energy: float = 0.1, nuclear: float = 3e-4,
@@ -50,9 +52,8 @@ class TRP:
         if scheme not in SCHEMES:
             raise ValueError(f"TRP: unknown scheme {scheme!r}; expected one of {SCHEMES}")
         check_rank_multiple("TRP", rank_multiple)
-        is_skipped = skip_matcher(skip)
-        self.layers = {name: m for name, m in model.named_modules()
-                       if isinstance(m, (nn.Linear, nn.Conv2d)) and not is_skipped(name)}
+        # the layers to_svd() will convert: checked now, as decompose would, by name
+        self.layers = dict(convertible_layers(model, skip))
         if not self.layers:
             raise ValueError("TRP: the model has no nn.Linear or nn.Conv2d layer to truncate")
         self.model = model

@@ -171,7 +171,7 @@ def test_every_path_matches_the_reference_with_gradients(name):
     materializes) and at low rank, against the float64 chain."""
     for n, m, r, rows in ((24, 20, 20, 60), (24, 20, 3, 7)):
         x, U, s, V = (t.float().requires_grad_() for t in factors(n, m, r, rows, lead=(2,)))
-        b = torch.randn(m, device=DEVICE, requires_grad=True)
+        b = torch.randn(m, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_()
         with backend.use(name):
             y = ops.svd_linear(x, U, s, V, b)
         grads = torch.autograd.grad(y.square().sum(), (x, U, s, V, b))
@@ -179,8 +179,8 @@ def test_every_path_matches_the_reference_with_gradients(name):
         y_ref = reference.svd_linear(*ref_in)
         ref_grads = torch.autograd.grad(y_ref.square().sum(), ref_in)
         torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-4)
-        for g, g_ref in zip(grads, ref_grads):
-            torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=1e-3)
+        for g, g_ref in zip(grads, ref_grads):  # fp32 sums of ~60 terms: relative to the largest
+            assert (g.double() - g_ref).abs().max() <= 1e-5 * g_ref.abs().max(), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -57,6 +57,13 @@ class Doubled(nn.Linear):
         return 2 * super().forward(x)
 
 
+def instance_forward() -> nn.Module:
+    layer = nn.Linear(3, 2)
+    plain = layer.forward
+    layer.forward = lambda x: 2 * plain(x)  # as accelerate-style hooks patch it
+    return nn.Sequential(layer)
+
+
 class Tied(nn.Module):
     def __init__(self):
         super().__init__()
@@ -66,7 +73,8 @@ class Tied(nn.Module):
 
 
 @pytest.mark.parametrize("build, problem", [
-    (lambda: nn.Sequential(Doubled(3, 2)), "Doubled overrides forward"),
+    (lambda: nn.Sequential(Doubled(3, 2)), "Doubled has its own forward"),
+    (instance_forward, "0: Linear has its own forward"),
     (lambda: nn.Sequential(parametrizations.weight_norm(nn.Linear(3, 2))), "reparametrized"),
     (lambda: nn.Sequential(parametrizations.spectral_norm(nn.Conv2d(2, 3, 3))), "reparametrized"),
     (Tied, "head: its weight is tied to emb's"),
@@ -79,6 +87,22 @@ def test_layers_whose_svd_form_would_differ_are_refused_by_name(build, problem):
     assert "skip=" in str(err.value)
     assert not svdkern.svd_layers(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=problem):  # TRP would convert them in to_svd()
+        svdkern.TRP(model)
+
+
+def test_trp_skips_a_shared_layer_by_any_of_its_names():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 2))
+    assert list(svdkern.TRP(model, skip=["2"]).layers) == ["3"]
+
+
+def test_export_keeps_frozen_weights_and_mode_of_a_bare_layer():
+    layer = SVDLinear(6, 5, rank=2).eval().requires_grad_(False)
+    for form in ("lowrank", "dense"):
+        plain = svdkern.export(layer, form)
+        assert not plain.training
+        assert not any(p.requires_grad for p in plain.parameters())
 
 
 @pytest.mark.parametrize("make", [
@@ -136,6 +160,21 @@ def test_torch_func_transforms_match_the_dense_layer(backend_name):
     torch.testing.assert_close(per_sample["U"][2], one, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(reg_grad, torch.autograd.grad(
         reference.hoyer_loss([layer.s]), layer.s)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev"])
+def test_compiled_torch_func_transforms_run_the_reference(transform):
+    """Inside a compiled transform too (the triton backend once ran its custom op there)."""
+    layer = SVDLinear(5, 4, rank=2).to(DEVICE)
+    x = torch.randn(5, device=DEVICE)
+    fn = {"grad": torch.func.grad(lambda xi: layer(xi).square().sum()),
+          "jacrev": torch.func.jacrev(layer)}[transform]
+    torch._dynamo.reset()
+    with backend.use("triton"):
+        got = torch.compile(fn, fullgraph=True)(x)
+    with backend.use("reference"):
+        want = fn(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_explain_says_a_transform_runs_the_reference():
@@ -230,3 +269,17 @@ def test_jit_trace_keeps_the_batch_size_free(backend_name):
     with backend.use(backend_name):
         x = torch.randn(5, 6, device=DEVICE)
         torch.testing.assert_close(traced(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fx_tracing_names_the_layer_and_works_with_svd_layers_as_leaves():
+    model = svdkern.decompose(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                                            nn.Linear(4 * 4 * 4, 5)))
+    with pytest.raises(TypeError, match="0: torch.fx symbolic tracing cannot enter"):
+        torch.fx.symbolic_trace(model)
+
+    class LeafTracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return isinstance(module, svdkern.SVDLayer) or super().is_leaf_module(module, name)
+    traced = torch.fx.GraphModule(model, LeafTracer().trace(model))
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(traced(x), model(x))

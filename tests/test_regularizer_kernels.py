@@ -206,6 +206,21 @@ def test_hoyer_gradient_far_from_unit_scale(scale):
     assert err <= TOL[torch.float32], f"relative error {err:.3g}"
 
 
+def test_hoyer_of_a_segment_whose_peak_is_subnormal():
+    """max|s| below fp32's normal range: 1 / max|s| overflowed (NaN loss); s / max|s| does not."""
+    s = (torch.tensor([1.0, -0.5, 0.25, 0.0], dtype=torch.float64) * 2e-39).float()
+    s = s.to(DEVICE).requires_grad_()
+    with backend.use("triton"):
+        loss = ops.hoyer_loss([s])
+    loss.backward()
+    ref = s.detach().double().requires_grad_()
+    ref_loss = reference.hoyer_loss([ref])
+    ref_loss.backward()
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    err = (s.grad.double() - ref.grad).abs().max() / ref.grad.abs().max()
+    assert err <= TOL[torch.float32], f"relative error {err:.3g}"
+
+
 def test_all_zero_singular_values_add_nothing():
     """Hoyer of an all-zero s is 0 with gradient 0 on both paths (it was 0/0 = NaN, which one
     optimizer step wrote into the model); the other vectors are unaffected."""
@@ -220,6 +235,11 @@ def test_all_zero_singular_values_add_nothing():
         assert_close(loss, reference.hoyer_loss([svals[1]]), torch.float32, name)
         assert torch.equal(leaves[0].grad, torch.zeros(3, device=DEVICE))
         assert_close(leaves[1].grad, alone.grad, torch.float32, name)
+        zero = svals[0].clone().requires_grad_()  # a gradient penalty: second order too
+        with backend.use(name):
+            (grad,) = torch.autograd.grad(ops.hoyer_loss([zero]), zero, create_graph=True)
+        (second,) = torch.autograd.grad(grad.square().sum() + grad.sum(), zero)
+        assert torch.equal(second, torch.zeros(3, device=DEVICE)), second
 
 
 @pytest.mark.parametrize("rows,r", [(300, 31), (1024, 128), (4608, 512), (768, 768), (64, 64)])
