@@ -1,6 +1,10 @@
 """Packaging for svdkern: the `svdkern` package plus the top-level `kernels/` folder
-installed as `svdkern.kernels` (works for `pip install .` and `pip install -e .`)."""
+installed as `svdkern.kernels` (a namespace portion: no `__init__.py`, so a checkout's
+`kernels/` never shadows PyPI's `kernels` package). pyproject.toml names the build
+backend, whose editable installs (PEP 660) map `package_dir` for `pip install -e .` too."""
 from setuptools import setup
+
+APP = ["scikit-learn", "matplotlib", "tqdm"]  # python -m svdkern: data, plots, progress bars
 
 setup(
     name="svdkern",
@@ -8,15 +12,19 @@ setup(
     description="Triton kernels and PyTorch layers for SVD training of low-rank networks",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["svdkern", "svdkern.kernels"],
+    packages=["svdkern", "svdkern.app", "svdkern.compress", "svdkern.kernels", "svdkern.layers",
+              "svdkern.methods"],
     package_dir={"svdkern": "svdkern", "svdkern.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy",
-                      "scikit-learn", "matplotlib", "tqdm"],  # training CLI: data, plots, bars
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={
+        "app": APP,
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "triton>=3.0"],  # CI runs the bench smoke too
+        # CI runs the bench smoke and the app's tests too, and checks svdkern beside a current
+        # transformers (which brings PyPI's `kernels` package)
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "triton>=3.0",
+                 "transformers>=5.25", *APP],
         "bench": ["pytest-benchmark>=4", "triton>=3.0"],
     },
-    entry_points={"console_scripts": ["svdkern=svdkern.cli:main"]},
+    entry_points={"console_scripts": ["svdkern=svdkern.app.cli:main"]},
 )

@@ -28,10 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from svdkern import SVDConv2d, SVDRegularizer, backend, decompose, export, ops, reference, svd_layers
-from svdkern import cost as svd_cost
-from svdkern import fused
-from svdkern.pruning import apply_plan
+from svdkern import (SVDConv2d, SVDRegularizer, backend, decompose, dispatch, export, ops,
+                     reference, svd_layers)
+from svdkern.compress.pruning import apply_plan
 from svdkern.reference import ConvSpec
 
 from . import cost
@@ -148,7 +147,7 @@ class ConvShape:
                 f"@{self.side}px-r{self.rank}")
 
     def flops(self, alternative: str) -> int:
-        chain, materialized = svd_cost.conv_flops(
+        chain, materialized = dispatch.conv_flops(
             (self.images, self.channels, self.side, self.side), conv_spec(self), self.rank)
         return cost.FORWARD_AND_BACKWARD * (chain if alternative == "chain" else materialized)
 
@@ -218,7 +217,7 @@ def crossover_paths(shape: LayerShape | ConvShape, p: Preset, device: torch.devi
 
 def fused_can_run(shape: LayerShape, p: Preset, device: torch.device) -> bool:
     """The fused path exists for this case: Triton on this device, rank and dtype in range."""
-    return backend.triton_can_run(device) and fused.fits(shape.rank, p.dtype)
+    return backend.triton_can_run(device) and dispatch.fits(shape.rank, p.dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ read twice and their gradients written once.
 """
 from __future__ import annotations
 
-from svdkern.cost import linear_flops
+from svdkern.dispatch import linear_flops
 
 FORWARD_AND_BACKWARD = 3  # the backward of each path costs twice its forward
 

@@ -41,7 +41,7 @@ from svdkern.backend import interpreter_enabled
 from svdkern.kernels import orthogonality as O
 from svdkern.kernels import sparsity as S
 from svdkern.kernels import svd_linear as L
-from svdkern.regularizer_ops import _acc_dtype, matrix_table, segment_offsets
+from svdkern.launch import acc_dtype
 
 if interpreter_enabled():  # the kernels would hold the interpreter's single config
     raise RuntimeError("bench.kernel_resources compiles for a GPU: run it without "
@@ -147,7 +147,7 @@ def compile_forward(dtype: str, r_pad: int, cfg: triton.Config, precision: str =
     bias = torch.empty(U.shape[0], dtype=x.dtype) if has_bias else None
     with _patched(L, "_fwd_kernel", _Recorder()) as rec, \
             _patched(L, "_target_programs", lambda device: 264):
-        L.svd_linear_fwd(x, U, s, V, bias)
+        L.launch_forward(x, U, s, V, bias)
     return compile_launch(L._fwd_kernel, rec, cfg, PRECISION=precision)
 
 
@@ -157,7 +157,7 @@ def compile_backward(dtype: str, r_pad: int, cfg: triton.Config, precision: str 
     x, U, s, V = _layer_operands(dtype, rank or r_pad)
     dy = torch.empty(x.shape[0], U.shape[0], dtype=x.dtype)
     with _patched(L, "_bwd_rows_kernel", _Recorder()) as rec:
-        L.svd_linear_bwd_rows(dy, x, U, s, V, dx, db)
+        L.launch_backward_rows(dy, x, U, s, V, dx, db)
     return compile_launch(L._bwd_rows_kernel, rec, cfg, PRECISION=precision)
 
 
@@ -168,7 +168,7 @@ def _regularizer_operands(dtype: str, aligned: bool):
     reads bf16."""
     shapes = ((2304, 256), (512, 512), (3072, 48), (5, 8 if aligned else 1))
     flat = torch.empty(sum(rows * r for rows, r in shapes), dtype=DTYPES[dtype])
-    table, gram_numel = matrix_table(tuple((rows, r, False) for rows, r in shapes), flat.device)
+    table, gram_numel = O.matrix_table(tuple((rows, r, False) for rows, r in shapes), flat.device)
     return flat, table, shapes, gram_numel
 
 
@@ -176,7 +176,7 @@ def compile_gram(dtype: str, cfg: triton.Config, precision: str = "ieee",
                  aligned: bool = False):
     """The Gram + loss kernel as `orthogonality.gram_loss` launches it."""
     flat, table, shapes, gram_numel = _regularizer_operands(dtype, aligned)
-    acc = _acc_dtype(DTYPES[dtype])
+    acc = acc_dtype(DTYPES[dtype])
     with _patched(O, "_gram_loss_tuned", _Recorder()) as rec:
         O.gram_loss(flat, table, shapes, gram_numel, acc, aligned)
     return compile_launch(O._gram_loss_tuned, rec, cfg, PRECISION=precision)
@@ -186,7 +186,7 @@ def compile_grad(dtype: str, cfg: triton.Config, precision: str = "ieee",
                  aligned: bool = False):
     """The gradient kernel as `orthogonality.grad` launches it."""
     flat, table, shapes, gram_numel = _regularizer_operands(dtype, aligned)
-    acc = _acc_dtype(DTYPES[dtype])
+    acc = acc_dtype(DTYPES[dtype])
     with _patched(O, "_grad_tuned", _Recorder()) as rec:
         O.grad(flat, table, shapes, torch.empty(gram_numel, dtype=acc), torch.ones((), dtype=acc),
                aligned)
@@ -197,9 +197,9 @@ def compile_sparsity(dtype: str, hoyer: bool):
     """The segmented L1 / Hoyer kernel as `sparsity.loss_and_grad` launches it."""
     lengths = (256, 48, 1, 300)
     flat = torch.empty(sum(lengths), dtype=DTYPES[dtype])
-    acc = _acc_dtype(DTYPES[dtype])
+    acc = acc_dtype(DTYPES[dtype])
     with _patched(S, "_sparsity_kernel", _Recorder()) as rec:
-        S.loss_and_grad(flat, segment_offsets(lengths, flat.device), len(lengths), hoyer, acc)
+        S.loss_and_grad(flat, S.segment_offsets(lengths, flat.device), len(lengths), hoyer, acc)
     return compile_launch(S._sparsity_kernel, rec)
 
 

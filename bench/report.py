@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import svdkern
-from svdkern import backend, ops
+from svdkern import backend, dispatch
 
 from . import cost
 from .cases import (INFERENCE_ALTERNATIVES, INFERENCE_RANK_FRACTION, LAYER_ALTERNATIVES, MODELS,
@@ -168,9 +168,9 @@ def dispatch_path(shape: LayerShape | ConvShape, p: Preset, device: torch.device
         if isinstance(shape, ConvShape):
             spec = conv_spec(shape)
             rows, cols = spec.matrix_shape
-            return ops.explain(like(shape.images, shape.channels, shape.side, shape.side),
+            return dispatch.explain(like(shape.images, shape.channels, shape.side, shape.side),
                                like(1, rows, r), like(1, r), like(1, cols, r), spec=spec).path
-        return ops.explain(like(shape.rows, shape.n), like(shape.m, r), like(r),
+        return dispatch.explain(like(shape.rows, shape.n), like(shape.m, r), like(r),
                            like(shape.n, r)).path
 
 

@@ -21,17 +21,36 @@ the partials are summed once afterwards: deterministic, no atomics.
 Launch 2 (`grad`): `4 M (G - I) / r^2 * grad_out`, tiled over (row block, column block) of
 every `M`. Grams larger than a tile are tiled; ranks under 16 are padded into masked tiles
 (`tl.dot` needs 16 per side). Accumulation is fp32 (fp64 for fp64 factors).
-"""
-from __future__ import annotations
 
+Packing: the factors are packed into one flat buffer at each call (`torch.cat` of the
+flattened matrices; autograd of the cat returns each parameter its gradient), rather than
+keeping the parameters as views into one persistent buffer. Views would save one copy of
+the factors per step (bytes, small next to the Gram FLOPs), but pruning reassigns
+`param.data` with new shapes, checkpoints load into `param.data`, and optimizers hold the
+Parameter objects: every one of these would silently detach a view from a shared buffer.
+Column-major factors (e.g. a transposed view) keep their layout in the buffer (no
+transposing copy before the cat) and are addressed through their strides. The table is
+cached per device, keyed by the shapes and layouts (`svdkern.launch.reused_across_steps`).
+
+PyTorch sees the custom ops `svdkern::orthogonality_loss` and `svdkern::orthogonality_grad`
+(fake impls; the second is the first's backward), so the penalty compiles as two opaque
+nodes; `orthogonality_loss` below is the entry point `svdkern.ops` calls.
+"""
+# No `from __future__ import annotations` here: custom_op reads the annotations at runtime.
 import functools
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
+from svdkern import differentiable, reference
 from svdkern.backend import dot_precision, interpreter_enabled
-from svdkern.kernels import COMPILE_OPTIONS, tuning_choices
+from svdkern.launch import (COMPILE_OPTIONS, acc_dtype, common_operands, reused_across_steps,
+                            tuning_choices)
+
+MatrixKey = tuple[tuple[int, int, bool], ...]  # (rows, r, column-major) per matrix
 
 TABLE_COLS = tl.constexpr(6)  # offset, rows, r, row stride, column stride, Gram offset
 
@@ -203,7 +222,7 @@ def gram_loss(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, 
               aligned: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch 1: (loss scalar, flat `G - I` of every matrix), both in `acc_dtype`.
     `aligned`: every matrix row-major, every rank a multiple of 8
-    (`svdkern.regularizer_ops.aligned_layout`)."""
+    (`aligned_layout`)."""
     gram = torch.empty(gram_numel, dtype=acc_dtype, device=flat.device)
     cap = _max_programs(flat.device)
     partials = torch.zeros(cap, dtype=acc_dtype, device=flat.device)
@@ -232,3 +251,104 @@ def _tune_keys(shapes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
     powers of two so a model pruned to nearby ranks reuses its tuning."""
     return (triton.next_power_of_2(max(r for _, r in shapes)),
             triton.next_power_of_2(max(rows for rows, _ in shapes)))
+
+
+# ------------------------------------------------------------- packing and custom ops
+@reused_across_steps
+def matrix_table(key: MatrixKey, device: torch.device) -> tuple[Tensor, int]:
+    """(int64 table on `device`, Gram buffer size) for matrices of the given layouts; rows
+    follow `TABLE_COLS`. Cached: rebuilt only when shapes change."""
+    rows_out, offset, gram_offset = [], 0, 0
+    for rows, r, col_major in key:
+        strides = (1, rows) if col_major else (r, 1)
+        rows_out.append((offset, rows, r, *strides, gram_offset))
+        offset += rows * r
+        gram_offset += r * r
+    return torch.tensor(rows_out, dtype=torch.int64, device=device), gram_offset
+
+
+def pack_matrices(mats: Sequence[Tensor]) -> tuple[Tensor, MatrixKey]:
+    """One flat buffer of all matrices (promoted to a common dtype) and their layout key."""
+    _, dtype = common_operands("orthogonality_loss", mats)
+    pieces, key = [], []
+    for i, M in enumerate(mats):
+        if M.dim() != 2 or M.shape[-1] == 0:
+            raise ValueError(f"orthogonality_loss: matrix {i} has shape {tuple(M.shape)}, "
+                             "expected 2-D (rows, r) with r >= 1")
+        M = M.to(dtype)
+        col_major = not M.is_contiguous() and M.t().is_contiguous()
+        pieces.append((M.t() if col_major else M).reshape(-1))
+        key.append((M.shape[0], M.shape[1], col_major))
+    return torch.cat(pieces), tuple(key)
+
+
+@torch.library.custom_op("svdkern::orthogonality_loss", mutates_args=())
+def _orthogonality(flat: Tensor, table: Tensor, shapes: list[int], gram_numel: int,
+                   aligned: bool) -> tuple[Tensor, Tensor]:
+    """(sum ||M^T M - I||_F^2 / r^2, flat G - I of every matrix) in one launch.
+    `shapes` is (rows, r) per matrix, flattened: the host sizes the grid from it;
+    `aligned`: see `aligned_layout`."""
+    return gram_loss(flat, table, _pairs(shapes), gram_numel, acc_dtype(flat.dtype), aligned)
+
+
+@_orthogonality.register_fake
+def _(flat, table, shapes, gram_numel, aligned):
+    acc = acc_dtype(flat.dtype)
+    return flat.new_empty((), dtype=acc), flat.new_empty(gram_numel, dtype=acc)
+
+
+@torch.library.custom_op("svdkern::orthogonality_grad", mutates_args=())
+def _orthogonality_grad(flat: Tensor, table: Tensor, shapes: list[int], gram: Tensor,
+                        grad_out: Tensor, aligned: bool) -> Tensor:
+    """`4 M (G - I) / r^2 * grad_out` for every matrix, laid out like `flat`, in one launch."""
+    return grad(flat, table, _pairs(shapes), gram, grad_out, aligned)
+
+
+@_orthogonality_grad.register_fake
+def _(flat, table, shapes, gram, grad_out, aligned):
+    return torch.empty_like(flat)
+
+
+def _orthogonality_setup(ctx, inputs, output) -> None:
+    flat, table, shapes, _, aligned = inputs
+    ctx.save_for_backward(flat, table, output[1])
+    ctx.shapes, ctx.aligned = shapes, aligned
+
+
+def _orthogonality_backward(ctx, grad_loss: Tensor, _grad_gram: Tensor):
+    flat, table, gram = ctx.saved_tensors
+    if differentiable.building_graph():
+        return differentiable.reference_grads(
+            lambda f: reference.orthogonality_loss(unpack_matrices(f, table)), (flat,),
+            (True,), grad_loss) + (None,) * 4
+    grad = _orthogonality_grad(flat, table, ctx.shapes, gram, grad_loss, ctx.aligned)
+    return grad, None, None, None, None
+
+
+def unpack_matrices(flat: Tensor, table: Tensor) -> list[Tensor]:
+    """The matrices packed in `flat`, as strided views, from their table rows."""
+    return [flat.as_strided((rows, r), (row_stride, col_stride), flat.storage_offset() + offset)
+            for offset, rows, r, row_stride, col_stride, _ in table.tolist()]
+
+
+_orthogonality.register_autograd(_orthogonality_backward, setup_context=_orthogonality_setup)
+
+
+def _pairs(shapes: list[int]) -> tuple[tuple[int, int], ...]:
+    return tuple(zip(shapes[0::2], shapes[1::2]))
+
+
+def aligned_layout(key: MatrixKey) -> bool:
+    """Every matrix row-major with a rank that is a multiple of 8, so every row and every
+    matrix starts 16 bytes apart in the packed buffer: the kernels can then load 16 bytes
+    at a time (the usual full-rank case; pruned ranks seldom are)."""
+    return all(not col_major and r % 8 == 0 for _, r, col_major in key)
+
+
+def orthogonality_loss(mats: Sequence[Tensor]) -> Tensor:
+    """`sum ||M^T M - I||_F^2 / r^2` over 2-D matrices of any shapes: two Triton launches
+    (loss forward, gradient backward) for the whole list."""
+    flat, key = pack_matrices(mats)
+    table, gram_numel = matrix_table(key, flat.device)
+    shapes = [n for rows, r, _ in key for n in (rows, r)]
+    return _orthogonality(flat, table, shapes, gram_numel, aligned_layout(key))[0]

@@ -9,15 +9,21 @@ L1 `sign(s)`, Hoyer `sign(s) / ||s||_2 - ||s||_1 s / ||s||_2^3`. Hoyer first fin
 `max|s|` (one more pass) and works on `s / max|s|`. The per-segment losses
 are summed once afterwards (deterministic, no atomics); the backward only scales the stored
 gradient by the incoming one.
+
+PyTorch sees the custom op `svdkern::sparsity_loss` (fake impl, autograd: the stored
+gradient scaled); `l1_loss` and `hoyer_loss` below are the entry points `svdkern.ops` calls.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: custom_op reads the annotations at runtime.
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
+from svdkern import differentiable, reference
 from svdkern.backend import interpreter_enabled
-from svdkern.kernels import COMPILE_OPTIONS
+from svdkern.launch import COMPILE_OPTIONS, acc_dtype, common_operands, reused_across_steps
 
 _BLOCK = 256
 
@@ -106,3 +112,65 @@ def loss_and_grad(flat: torch.Tensor, offsets: torch.Tensor, num_segments: int, 
     _sparsity_kernel[grid](flat, offsets, losses, grad, num_segments, HOYER=hoyer, BLOCK=_BLOCK,
                            **COMPILE_OPTIONS)
     return losses.sum(), grad
+
+
+# ------------------------------------------------------------------ PyTorch custom op
+@reused_across_steps
+def segment_offsets(lengths: tuple[int, ...], device: torch.device) -> Tensor:
+    """int64 segment boundaries (len + 1 entries) on `device`; cached per lengths."""
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return torch.tensor(bounds, dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op("svdkern::sparsity_loss", mutates_args=())
+def _sparsity(flat: Tensor, offsets: Tensor, hoyer: bool) -> tuple[Tensor, Tensor]:
+    """(summed L1 or Hoyer loss, its gradient w.r.t. `flat`) in one launch."""
+    return loss_and_grad(flat, offsets, offsets.numel() - 1, hoyer, acc_dtype(flat.dtype))
+
+
+@_sparsity.register_fake
+def _(flat, offsets, hoyer):
+    acc = acc_dtype(flat.dtype)
+    return flat.new_empty((), dtype=acc), flat.new_empty(flat.shape, dtype=acc)
+
+
+def _sparsity_setup(ctx, inputs, output) -> None:
+    flat, offsets, ctx.hoyer = inputs
+    ctx.save_for_backward(flat, offsets, output[1])
+
+
+def _sparsity_backward(ctx, grad_loss: Tensor, _grad_grad: Tensor):
+    flat, offsets, grad = ctx.saved_tensors
+    if differentiable.building_graph():
+        loss = reference.hoyer_loss if ctx.hoyer else reference.l1_loss
+        bounds = offsets.tolist()
+        return differentiable.reference_grads(
+            lambda f: loss([f[a:b] for a, b in zip(bounds, bounds[1:])]), (flat,), (True,),
+            grad_loss) + (None, None)
+    return (grad * grad_loss).to(flat.dtype), None, None
+
+
+_sparsity.register_autograd(_sparsity_backward, setup_context=_sparsity_setup)
+
+
+def _sparsity_loss(svals: Sequence[Tensor], hoyer: bool) -> Tensor:
+    name = "hoyer_loss" if hoyer else "l1_loss"
+    device, dtype = common_operands(name, svals)
+    for i, s in enumerate(svals):
+        if s.numel() == 0:
+            raise ValueError(f"{name}: singular-value vector {i} is empty")
+    flat = torch.cat([s.to(dtype).reshape(-1) for s in svals])
+    offsets = segment_offsets(tuple(s.numel() for s in svals), device)
+    return _sparsity(flat, offsets, hoyer)[0]
+
+
+def l1_loss(svals: Sequence[Tensor]) -> Tensor:
+    """`sum |s_j|` over all singular-value vectors: one segmented Triton launch."""
+    return _sparsity_loss(svals, hoyer=False)
+
+
+def hoyer_loss(svals: Sequence[Tensor]) -> Tensor:
+    """`sum ||s||_1 / ||s||_2` over all singular-value vectors: one segmented Triton launch."""
+    return _sparsity_loss(svals, hoyer=True)

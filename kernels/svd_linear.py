@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the SVD linear layer `y = x V diag(s) U^T + b` (docs/SPEC.md section 3).
+"""The fused SVD linear op `y = x V diag(s) U^T + b` (docs/SPEC.md section 3): its Triton
+kernels, their launchers, and the PyTorch custom ops (fake impls, autograd, autocast).
 
 Forward: a program owns `BLOCK_B` rows of `x`; it computes `h = x V` for the whole rank
 (padded to `R_PAD`, a power of two >= 16, masked), keeps it in registers, scales it by `s`
@@ -19,16 +20,29 @@ Numerics: fp32 accumulation for fp32/fp16/bf16 inputs. fp32 inputs use TF32 `tl.
 where PyTorch allows TF32 matmuls (`svdkern.backend.dot_precision`, matching `nn.Linear`),
 IEEE otherwise and always under the interpreter. Offsets along B and the feature dimensions
 are int64. Block shapes are autotuned on a GPU; the interpreter uses one fixed config.
+
+PyTorch sees two `torch.library.custom_op`s, `svdkern::svd_linear_fwd` and
+`svdkern::svd_linear_bwd_rows`, with fake (meta) implementations, so
+`torch.compile(fullgraph=True)` traces them as single opaque nodes with no graph break;
+`register_autograd` gives the forward its backward: the row-block kernel, then the two
+GEMMs over the batch as torch ops (the compiler sees them, autograd skips them for frozen
+factors). `svdkern.ops` imports this module only when the fused path runs, so importing
+svdkern never requires Triton.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: custom_op reads the annotations at runtime
+# to build the op schemas, and Optional[...] parses on every supported torch.
+import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
+from svdkern import differentiable, reference
 from svdkern.backend import dot_precision, interpreter_enabled
-from svdkern.kernels import COMPILE_OPTIONS, tuning_choices
-from svdkern.cost import MAX_FUSED_RANK
+from svdkern.dispatch import FUSED_DTYPES, MAX_FUSED_RANK
+from svdkern.launch import COMPILE_OPTIONS, tuning_choices
 
 _INTERPRET = interpreter_enabled()
 # fp32 values one thread may hold live (`register_footprint`) before ptxas spills. Compiling
@@ -238,8 +252,8 @@ def _rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def svd_linear_fwd(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
+def launch_forward(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
     """`x` (B, n) with any strides -> `y` (B, m), contiguous, in `x`'s dtype."""
     s = s.contiguous()  # the kernels index s and bias as dense vectors
     bias = None if bias is None else bias.contiguous()
@@ -266,9 +280,9 @@ def svd_linear_fwd(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.T
     return y
 
 
-def svd_linear_bwd_rows(dy: torch.Tensor, x: torch.Tensor, U: torch.Tensor, s: torch.Tensor,
-                        V: torch.Tensor, need_dx: bool, need_db: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+def launch_backward_rows(dy: torch.Tensor, x: torch.Tensor, U: torch.Tensor, s: torch.Tensor,
+                         V: torch.Tensor, need_dx: bool, need_db: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
     """(dx, h*s, g*s, ds, db) for `dy` (B, m), `x` (B, n), by one pass over x and dy.
 
@@ -300,3 +314,99 @@ def svd_linear_bwd_rows(dy: torch.Tensor, x: torch.Tensor, U: torch.Tensor, s: t
     ds = ds_part.sum(0)[:r].to(s.dtype)
     db = db_part.sum(0).to(dt) if need_db else torch.empty(0, dtype=dt, device=dev)
     return dx, hs, gs, ds, db
+
+
+# ------------------------------------------------------------------ PyTorch custom ops
+@torch.library.custom_op("svdkern::svd_linear_fwd", mutates_args=())
+def svd_linear_fwd(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """`x` (B, n) -> `x V diag(s) U^T + b` (B, m), by the fused kernel."""
+    return launch_forward(x, U, s, V, bias)
+
+
+@svd_linear_fwd.register_fake
+def _(x, U, s, V, bias):
+    return x.new_empty((x.shape[0], U.shape[0]))
+
+
+@torch.library.custom_op("svdkern::svd_linear_bwd_rows", mutates_args=())
+def svd_linear_bwd_rows(dy: Tensor, x: Tensor, U: Tensor, s: Tensor, V: Tensor, need_dx: bool,
+                        need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, h*s, g*s, ds, db) by the fused row-block backward kernel; `dx`, `db` are empty
+    when not asked for."""
+    return launch_backward_rows(dy, x, U, s, V, need_dx, need_db)
+
+
+@svd_linear_bwd_rows.register_fake
+def _(dy, x, U, s, V, need_dx, need_db):
+    B, r = x.shape[0], U.shape[1]
+    return (x.new_empty(x.shape if need_dx else (0,)), x.new_empty((B, r)), x.new_empty((B, r)),
+            s.new_empty(s.shape), x.new_empty((U.shape[0],) if need_db else (0,)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+    ctx.has_bias = inputs[4] is not None
+
+
+def _backward(ctx, dy: Tensor):
+    """dx, ds, db from the fused kernel; dU = dy^T (h*s), dV = x^T (g*s) as GEMMs over B.
+    Under `create_graph=True`, autograd of the reference chain (`svdkern.differentiable`)."""
+    x, U, s, V, bias = ctx.saved_tensors
+    if differentiable.building_graph():
+        return differentiable.reference_grads(reference.svd_linear, (x, U, s, V, bias),
+                                              ctx.needs_input_grad, dy)
+    need_x, need_U, need_s, need_V, need_b = ctx.needs_input_grad
+    dx, hs, gs, ds, db = svd_linear_bwd_rows(dy, x, U, s, V, need_x, need_b and ctx.has_bias)
+    dU = dy.transpose(0, 1) @ hs if need_U else None
+    dV = x.transpose(0, 1) @ gs if need_V else None
+    return (dx if need_x else None), dU, (ds if need_s else None), dV, \
+        (db if need_b and ctx.has_bias else None)
+
+
+svd_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def svd_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Fused `y = x V diag(s) U^T + b` for `x` (..., n) of any strides.
+
+    Under `torch.autocast` every operand is cast to the autocast dtype (like `nn.Linear`):
+    the kernel then runs in that dtype with fp32 accumulation. A bias of another dtype is
+    cast to `x`'s, as the reference chain does. On CPU (the interpreter, which has no bf16,
+    docs/SPEC.md section 4) bf16 operands are read as fp32 and the result rounded back to bf16.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, U, s, V = (t.to(dt) for t in (x, U, s, V))
+    _check_operands(x, U, s, V, bias)
+    bias = None if bias is None else bias.to(x.dtype)
+    out_dtype = x.dtype
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        x, U, s, V = (t.float() for t in (x, U, s, V))
+        bias = None if bias is None else bias.float()
+    lead, n = x.shape[:-1], x.shape[-1]
+    # -1, not the row count, so jit.trace and export keep the batch size free (0 features
+    # cannot infer it)
+    y = svd_linear_fwd(x.reshape(-1, n) if n else x.reshape(math.prod(lead), 0), U, s, V, bias)
+    return y.reshape(*lead, U.shape[0]).to(out_dtype)
+
+
+def _check_operands(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Optional[Tensor]) -> None:
+    """The kernel reads its sizes from `x` and `U` alone, so operands that disagree would be
+    read out of bounds: refuse them, naming the mismatch."""
+    dtypes = {t.dtype for t in (x, U, s, V)}
+    if len(dtypes) != 1 or x.dtype not in FUSED_DTYPES:
+        raise TypeError(f"fused svd_linear needs one dtype among {FUSED_DTYPES} for x, U, s and "
+                        f"V, got {sorted(map(str, dtypes))}")
+    if x.dim() == 0 or U.dim() != 2:
+        raise ValueError(f"fused svd_linear: x must be (..., in_features) and U (out_features, "
+                         f"rank), got x {tuple(x.shape)}, U {tuple(U.shape)}")
+    (m, r), n = U.shape, x.shape[-1]
+    wanted = {"V": (V, (n, r)), "s": (s, (r,)), "bias": (bias, (m,))}
+    problems = [f"{name} is {tuple(t.shape)}, expected {shape}"
+                for name, (t, shape) in wanted.items() if t is not None and t.shape != shape]
+    devices = {str(t.device) for t in (x, U, s, V, bias) if t is not None}
+    if len(devices) > 1:
+        problems.append(f"operands are on several devices {sorted(devices)}")
+    if problems:
+        raise ValueError(f"fused svd_linear (x {tuple(x.shape)}, U {tuple(U.shape)}): "
+                         + "; ".join(problems))

@@ -1,7 +1,9 @@
 """Which implementation runs an op: the PyTorch reference or the Triton kernels.
 
-`SVDKERN_BACKEND=reference|triton|auto` (default auto) sets it for the process; `use()`
-overrides it in a block. `auto` takes Triton on CUDA tensors when Triton is installed and the
+`SVDKERN_BACKEND=reference|triton|auto` (default auto) sets it for the process (read once,
+at import); `use()` overrides it in a block of the calling thread only (a thread-local
+stack, which torch.compile traces and guards on, unlike a ContextVar), so threads never see
+each other's override. `auto` takes Triton on CUDA tensors when Triton is installed and the
 reference elsewhere, silently. `triton` on CPU tensors runs the kernels through Triton's
 interpreter (`TRITON_INTERPRET=1`), which is how the tests exercise them without a GPU;
 asking for it where it cannot run is an error.
@@ -13,17 +15,20 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import threading
 from typing import Iterator
 
 import torch
 
 BACKENDS = ("reference", "triton", "auto")
-_override: list[str] = []
+_ENV_BACKEND = os.environ.get("SVDKERN_BACKEND", "auto").lower()
+_overrides = threading.local()  # .stack: this thread's `use()` names, innermost last
 
 
 def requested() -> str:
     """The backend asked for: the innermost `use()` block, else SVDKERN_BACKEND, else auto."""
-    name = _override[-1] if _override else os.environ.get("SVDKERN_BACKEND", "auto").lower()
+    stack = getattr(_overrides, "stack", None)
+    name = stack[-1] if stack else _ENV_BACKEND
     if name not in BACKENDS:
         raise ValueError(f"SVDKERN_BACKEND={name!r}: expected one of {BACKENDS}")
     return name
@@ -34,11 +39,13 @@ def use(name: str) -> Iterator[None]:
     """Run the block with backend `name` ("reference", "triton" or "auto")."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
-    _override.append(name)
+    if not hasattr(_overrides, "stack"):
+        _overrides.stack = []
+    _overrides.stack.append(name)
     try:
         yield
     finally:
-        _override.pop()
+        _overrides.stack.pop()
 
 
 # Looked up once at import: plain constants (not an lru_cache) so torch.compile traces
@@ -130,8 +137,12 @@ def triton_can_run(device: torch.device) -> bool:
 
 def func_transform_active() -> bool:
     """Whether a `torch.func` transform (vmap, grad, jacrev, functional per-sample gradients)
-    wraps the current call, eager or compiled (dynamo traces the query): the custom ops
-    have no functorch rules, so the reference runs."""
+    wraps the current call, eager or compiled (dynamo traces the query): the reference runs
+    there. The custom ops cannot serve it: the autograd that `register_autograd` generates
+    refuses every torch.func transform ("it must override the setup_context staticmethod"),
+    so `torch.library.register_vmap` alone would still fail under grad and jacrev, and
+    forward mode (jvp, jacfwd) has no custom-op rule at all. torch has no public predicate
+    for an active transform (2.13), hence this one private query, kept in this one place."""
     return torch._C._are_functorch_transforms_active()
 
 

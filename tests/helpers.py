@@ -32,12 +32,23 @@ def small_cnn(dtype=torch.float64) -> nn.Module:
     ).to(dtype)
 
 
-def run_without_interpreter(script: str) -> subprocess.CompletedProcess:
-    """Run a Python `script` in a subprocess from the repository root, without
-    TRITON_INTERPRET: what this process, which runs Triton in interpreter mode, cannot do."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+def run_script(script: str, **env: str | None) -> subprocess.CompletedProcess:
+    """Run a Python `script` in a fresh interpreter from the repository root, with the
+    environment variables in `env` set (None: removed)."""
+    environ = dict(os.environ)
+    for name, value in env.items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    return subprocess.run([sys.executable, "-c", script], env=environ, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
+
+
+def run_without_interpreter(script: str) -> subprocess.CompletedProcess:
+    """`run_script` without TRITON_INTERPRET: what this process, which runs Triton in
+    interpreter mode, cannot do."""
+    return run_script(script, TRITON_INTERPRET=None)
 
 
 def compile_for_sm90(script: str) -> None:

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import svdkern
 from svdkern import SVDConv2d, SVDLinear
-from helpers import small_cnn
+from tests.helpers import small_cnn
 
 
 def test_forward_checks_name_the_layer():

@@ -1,12 +1,14 @@
 """The per-call dispatch of svd_linear / svd_conv2d: FLOP model, backend rules, explain(),
 and that each path computes the reference result."""
+import threading
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from svdkern import SVDConv2d, backend, cost, ops, reference
-from svdkern.cost import MAX_FUSED_RANK
-from helpers import run_without_interpreter
+from svdkern import SVDConv2d, backend, dispatch, ops, reference
+from svdkern.dispatch import MAX_FUSED_RANK
+from tests.helpers import run_script, run_without_interpreter
 
 pytest.importorskip("triton")
 # Where Triton runs here: CUDA, else CPU through the interpreter (set by conftest).
@@ -34,7 +36,7 @@ class OpsCalled(TorchDispatchMode):
 
 
 def test_linear_flop_counts():
-    assert cost.linear_flops(rows=10, n=6, m=4, r=3) == (2 * 10 * 3 * 10, 2 * 4 * 6 * 3 + 2 * 10 * 24)
+    assert dispatch.linear_flops(rows=10, n=6, m=4, r=3) == (2 * 10 * 3 * 10, 2 * 4 * 6 * 3 + 2 * 10 * 24)
 
 
 @pytest.mark.parametrize("rows,expected", [(63, "chain"), (64, "chain"), (65, "materialized")])
@@ -42,7 +44,7 @@ def test_full_rank_square_crosses_over_at_batch_equal_rank(rows, expected):
     """n = m = r = k: chain 4 B k^2, materialized 2 k^3 + 2 B k^2: materialized iff B > k."""
     x, U, s, V = factors(64, 64, 64, rows)
     with backend.use("auto"):
-        assert ops.explain(x, U, s, V).path == expected
+        assert dispatch.explain(x, U, s, V).path == expected
 
 
 @pytest.mark.parametrize("n,m,r,rows,expected", [
@@ -54,9 +56,9 @@ def test_full_rank_square_crosses_over_at_batch_equal_rank(rows, expected):
 def test_auto_picks_the_cheaper_path(n, m, r, rows, expected):
     x, U, s, V = factors(n, m, r, rows)
     with backend.use("auto"):
-        plan = ops.explain(x, U, s, V)
+        plan = dispatch.explain(x, U, s, V)
     assert plan.path == expected
-    chain, mat = cost.linear_flops(rows, n, m, r)
+    chain, mat = dispatch.linear_flops(rows, n, m, r)
     assert (plan.chain_flops, plan.materialized_flops) == (chain, mat)
     assert "FLOPs" in str(plan)
 
@@ -67,7 +69,7 @@ def test_zero_input_features_give_the_bias_like_nn_linear(name):
     x, U, s, V = factors(0, 5, 1, rows=3, dtype=torch.float32)
     bias = torch.randn(5, device=DEVICE)
     with backend.use(name):
-        assert ops.explain(x, U, s, V).chain_flops == 2 * 3 * 1 * 5  # the U GEMM alone
+        assert dispatch.explain(x, U, s, V).chain_flops == 2 * 3 * 1 * 5  # the U GEMM alone
         y = ops.svd_linear(x, U, s, V, bias)
     assert torch.equal(y, bias.expand(3, 5))
 
@@ -75,23 +77,50 @@ def test_zero_input_features_give_the_bias_like_nn_linear(name):
 def test_reference_backend_always_runs_the_chain():
     x, U, s, V = factors(64, 64, 64, 1000, dtype=torch.float32)
     with backend.use("reference"):
-        assert ops.explain(x, U, s, V).path == "chain"
+        assert dispatch.explain(x, U, s, V).path == "chain"
         with OpsCalled() as seen:
             ops.svd_linear(x, U, s, V)
     assert "svdkern.svd_linear_fwd" not in seen.names and "aten.linear" not in seen.names
 
 
 @pytest.mark.parametrize("env,expected", [("reference", "chain"), ("triton", "fused")])
-def test_environment_variable_forces_the_path(monkeypatch, env, expected):
-    monkeypatch.setenv("SVDKERN_BACKEND", env)
-    assert ops.explain(*factors(64, 64, 64, 1000, dtype=torch.float32)).path == expected
+def test_environment_variable_forces_the_path(env, expected):
+    """SVDKERN_BACKEND is read once, at import, in the process it is set for."""
+    done = run_script("import torch, svdkern\n"
+                      "x, U, s, V = torch.randn(1000, 64), torch.randn(64, 64), torch.rand(64), "
+                      "torch.randn(64, 64)\n"
+                      "print(svdkern.explain(x, U, s, V).path)\n",
+                      SVDKERN_BACKEND=env, TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [expected]
+
+
+def test_use_overrides_the_backend_in_its_own_thread_only():
+    seen = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_reference():
+        with backend.use("reference"):
+            seen["holder"] = backend.requested()
+            inside.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_reference)
+    holder.start()
+    inside.wait(10)
+    with backend.use("triton"):
+        seen["main"] = backend.requested()
+    release.set()
+    holder.join(10)
+    assert seen == {"holder": "reference", "main": "triton"}
+    assert backend.requested() == backend._ENV_BACKEND
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU fallback rules")
 def test_auto_on_cpu_never_runs_triton():
     x, U, s, V = factors(40, 30, 4, 50, dtype=torch.float32, device="cpu")
     with backend.use("auto"):
-        plan = ops.explain(x, U, s, V)
+        plan = dispatch.explain(x, U, s, V)
         with OpsCalled() as seen:
             ops.svd_linear(x, U, s, V)
     assert plan.path == "chain" and "Triton cannot run" in plan.reason
@@ -101,7 +130,7 @@ def test_auto_on_cpu_never_runs_triton():
 def test_triton_backend_runs_the_fused_kernel_whatever_the_cost():
     x, U, s, V = factors(40, 30, 30, 500, dtype=torch.float32)
     with backend.use("triton"):
-        assert ops.explain(x, U, s, V).path == "fused"
+        assert dispatch.explain(x, U, s, V).path == "fused"
         with OpsCalled() as seen:
             y = ops.svd_linear(x, U, s, V)
     assert "svdkern.svd_linear_fwd" in seen.names
@@ -112,10 +141,10 @@ def test_triton_backend_runs_the_fused_kernel_whatever_the_cost():
 def test_triton_backend_beyond_the_fused_rank_falls_back_by_cost():
     k = MAX_FUSED_RANK + 2
     with backend.use("triton"):
-        assert ops.explain(*factors(k, k, k, 1, dtype=torch.float32)).path == "chain"
-        plan = ops.explain(*factors(k, k, k, 4 * k, dtype=torch.float32))
+        assert dispatch.explain(*factors(k, k, k, 1, dtype=torch.float32)).path == "chain"
+        plan = dispatch.explain(*factors(k, k, k, 4 * k, dtype=torch.float32))
         assert plan.path == "materialized"
-        plan = ops.explain(*factors(k, k, 3, 1, dtype=torch.float64))
+        plan = dispatch.explain(*factors(k, k, 3, 1, dtype=torch.float64))
         assert plan.path == "chain" and "dtype" in plan.reason
 
 
@@ -146,20 +175,6 @@ def test_interpreter_defect_is_named_with_its_fix(monkeypatch, triton_release, n
             ops.svd_linear(x, U, s, V)
 
 
-def test_kernels_are_found_in_a_source_tree_no_installer_mapped():
-    """`pip install -e .` with an old setuptools falls back to `setup.py develop`, which
-    puts the tree on sys.path without mapping `kernels/` to svdkern.kernels (a GPU image
-    installs this way, with no network): svdkern then finds its kernels next to itself."""
-    done = run_without_interpreter(
-        "import os, sys\n"
-        "sys.meta_path[:] = [f for f in sys.meta_path\n"
-        "                    if '__editable__' not in getattr(f, '__module__', '')]\n"
-        "import svdkern.kernels.svd_linear as L\n"
-        "assert os.path.samefile(os.path.dirname(L.__file__), 'kernels'), L.__file__\n"
-        "print('found')\n")
-    assert done.returncode == 0 and "found" in done.stdout, done.stderr[-2000:]
-
-
 def test_installed_release_is_read_from_package_metadata():
     assert backend._release("torch") == tuple(int(p) for p in torch.__version__.split(".")[:2])
     assert backend._release("no-such-package-svdkern") is None
@@ -187,7 +202,7 @@ def test_every_path_matches_the_reference_with_gradients(name):
 def test_auto_on_cuda_runs_the_fused_kernel_at_low_rank():
     x, U, s, V = factors(1024, 1024, 64, 512, dtype=torch.float32)
     with backend.use("auto"):
-        assert ops.explain(x, U, s, V).path == "fused"
+        assert dispatch.explain(x, U, s, V).path == "fused"
 
 
 # ----------------------------------------------------------------------------- conv
@@ -202,7 +217,7 @@ CONVS = [  # (layer kwargs, input shape)
 @pytest.mark.parametrize("kwargs,shape", CONVS)
 @pytest.mark.parametrize("rank", [None, 2])
 def test_conv_flops_match_a_count_from_the_convs_run(kwargs, shape, rank):
-    """cost.conv_flops against 2 * outputs * weights-per-output of the convs actually run."""
+    """dispatch.conv_flops against 2 * outputs * weights-per-output of the convs actually run."""
     layer = SVDConv2d(**kwargs, rank=rank)
     sp = layer.spec
     x = torch.randn(shape)
@@ -214,7 +229,7 @@ def test_conv_flops_match_a_count_from_the_convs_run(kwargs, shape, rank):
     chain = 2 * h.numel() * w1[0].numel() + 2 * y.numel() * w2[0].numel()
     dense = 2 * y.numel() * layer.weight[0].numel()
     rows, cols = layer.matrix_shape
-    assert cost.conv_flops(shape, sp, layer.rank) == (chain, dense + 2 * sp.groups * rows * cols * layer.rank)
+    assert dispatch.conv_flops(shape, sp, layer.rank) == (chain, dense + 2 * sp.groups * rows * cols * layer.rank)
     assert layer.flops(shape[-2:]) == (chain // shape[0], dense // shape[0])
 
 
@@ -225,11 +240,11 @@ def test_conv_picks_the_cheaper_path():
     x = torch.randn(shape)
     full, low = SVDConv2d(**kwargs), SVDConv2d(**kwargs, rank=2)
     with backend.use("auto"):
-        assert ops.explain(x, full.U, full.s, full.V, spec=full.spec).path == "materialized"
-        assert ops.explain(x, low.U, low.s, low.V, spec=low.spec).path == "chain"
-        assert ops.explain(x[0], low.U, low.s, low.V, spec=low.spec).path == "chain"
+        assert dispatch.explain(x, full.U, full.s, full.V, spec=full.spec).path == "materialized"
+        assert dispatch.explain(x, low.U, low.s, low.V, spec=low.spec).path == "chain"
+        assert dispatch.explain(x[0], low.U, low.s, low.V, spec=low.spec).path == "chain"
     with backend.use("reference"):
-        assert ops.explain(x, full.U, full.s, full.V, spec=full.spec).path == "chain"
+        assert dispatch.explain(x, full.U, full.s, full.V, spec=full.spec).path == "chain"
 
 
 @pytest.mark.parametrize("kwargs,shape", CONVS)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import svdkern
-from svdkern import ops, reference
+from svdkern import backend, dispatch, ops, reference
 from svdkern.layers import SVDLayer
 
 # CI runs a small fixed set of examples; SVDKERN_FUZZ_EXAMPLES=N runs N random ones per test.
@@ -65,9 +65,22 @@ def linear_case(draw):
                 seed=draw(st.integers(0, 2 ** 31 - 1)))
 
 
+def dense_linear(x, U, s, V, b):
+    """Ground truth of every linear path: one dense GEMM on `W = U diag(s) V^T`, written out
+    here rather than taken from svdkern."""
+    return F.linear(x, (U * s) @ V.transpose(0, 1), b)
+
+
+def linear_paths(dtype):
+    """Every path `svd_linear` may take for `dtype` on CPU: the fused kernel runs through
+    Triton's interpreter (conftest sets TRITON_INTERPRET=1) where it can."""
+    fused_ok = backend.triton_can_run(torch.device("cpu")) and dtype in dispatch.FUSED_DTYPES
+    return {name: fn for name, fn in ops.LINEAR_PATHS.items() if name != "fused" or fused_ok}
+
+
 @FUZZ
 @given(linear_case())
-def test_svd_linear_op_matches_reference_and_dense(case):
+def test_every_svd_linear_path_matches_the_dense_layer(case):
     gen = torch.Generator().manual_seed(case["seed"])
     dt, lay, m, n, r = case["dtype"], case["layout"], case["m"], case["n"], case["r"]
     x = randn(gen, *case["lead"], n, dtype=dt, layout=lay)
@@ -75,10 +88,11 @@ def test_svd_linear_op_matches_reference_and_dense(case):
     s = randn(gen, r, dtype=dt)
     V = randn(gen, n, r, dtype=dt, layout=lay)
     b = randn(gen, m, dtype=dt) if case["bias"] else None
-    check_op_against_reference(ops.svd_linear, reference.svd_linear, [x, U, s, V, b], dt)
-    dense = F.linear(*leaves(x), reference.materialize(*leaves(U, s, V)), *leaves(b))
-    torch.testing.assert_close(reference.svd_linear(*leaves(x, U, s, V, b)), dense,
-                               rtol=1e-10, atol=1e-10)
+    paths = linear_paths(dt)
+    if dt == torch.float32 and backend.triton_installed():
+        assert "fused" in paths  # the interpreter runs the kernel: it must be fuzzed too
+    for fn in (*paths.values(), ops.svd_linear):
+        check_op_against_reference(fn, dense_linear, [x, U, s, V, b], dt)
 
 
 @st.composite
@@ -106,9 +120,21 @@ def dense_conv(spec, dtype=torch.float64, bias=True):
                      dtype=dtype)
 
 
+def dense_conv_of_factors(spec):
+    """Ground truth of every conv path: `nn.Conv2d`'s own forward (padding modes included)
+    on the weight built from the factors."""
+    def run(x, U, s, V, b):
+        conv = dense_conv(spec, bias=b is not None)
+        params = {"weight": reference.conv_weight(U, s, V, spec)}
+        if b is not None:
+            params["bias"] = b
+        return torch.func.functional_call(conv, params, (x,))
+    return run
+
+
 @FUZZ
 @given(conv_spec(), st.data())
-def test_svd_conv2d_op_matches_reference_and_dense(spec, data):
+def test_every_svd_conv2d_path_matches_the_dense_conv(spec, data):
     dt, lay = data.draw(DTYPES), data.draw(LAYOUTS)
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31 - 1)))
     rows, cols = spec.matrix_shape
@@ -119,11 +145,9 @@ def test_svd_conv2d_op_matches_reference_and_dense(spec, data):
     s = randn(gen, spec.groups, r, dtype=dt)
     V = randn(gen, spec.groups, cols, r, dtype=dt, layout=lay)
     b = randn(gen, spec.out_channels, dtype=dt) if data.draw(st.booleans()) else None
-    check_op_against_reference(lambda *a: ops.svd_conv2d(*a, spec),
-                               lambda *a: reference.svd_conv2d(*a, spec), [x, U, s, V, b], dt)
-    dense = reference.svd_conv2d_materialized(*leaves(x, U, s, V, b), spec)
-    torch.testing.assert_close(reference.svd_conv2d(*leaves(x, U, s, V, b), spec), dense,
-                               rtol=1e-10, atol=1e-10)
+    for fn in (*ops.CONV_PATHS.values(), ops.svd_conv2d):
+        check_op_against_reference(lambda *a: fn(*a, spec), dense_conv_of_factors(spec),
+                                   [x, U, s, V, b], dt)
 
 
 @FUZZ

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrizations
 
 import svdkern
 from svdkern import SVDConv2d, SVDLinear, backend, ops, reference
-from helpers import rel_err
+from tests.helpers import rel_err
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the triton backend runs there

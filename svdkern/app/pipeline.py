@@ -1,0 +1,333 @@
+"""The three compression methods of the training CLI, run on the same data and budget:
+
+- "svd": SVD training (docs/SPEC.md section 1): train in SVD form with the orthogonality term
+  (alone for the first `sparsity_start` epochs, the paper's stage 1), then with the
+  sparsity term added, prune by the energy rule, fine-tune with sparsity off, ortho kept;
+- "trp": TRP (docs/SPEC.md section 2): dense training with the nuclear subgradient and periodic
+  truncation, exported at the last truncation's ranks, no fine-tuning;
+- "truncate": post-hoc baseline: train dense, truncate each layer's SVD by the energy rule,
+  fine-tune.
+
+Every method trains `epochs` epochs in all (svd and truncate: `epochs - finetune_epochs`
+then `finetune_epochs` of fine-tuning). Each phase (training, fine-tuning) runs the paper's
+step schedule from the base learning rate: x0.1 at 50% and 75% of its epochs. Several
+energy thresholds share the training that does not depend on the threshold (svd and
+truncate up to pruning).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..compress.decompose import decompose
+from ..compress.pruning import prune
+from ..compress.summary import summary
+from ..layers import svd_layers
+from ..methods.svd_training import SVDTraining
+from ..methods.trp import TRP
+from ..reference import check_energy, check_rank_multiple
+from .data import Dataset, batches
+from .models import build_model
+
+METHODS = ("svd", "trp", "truncate")
+SPARSITY_STRENGTH = {"hoyer": 0.07, "l1": 0.3}  # official ResNet-20 channel-wise settings
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; None means the method's (or data set's) default, see `resolved`."""
+
+    method: str = "svd"
+    model: str = "cnn"
+    data: str = "digits"
+    data_dir: str | None = None
+    epochs: int | None = None
+    finetune_epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    lambda_o: float = 1.0
+    lambda_s: float | None = None
+    sparsity: str = "hoyer"
+    sparsity_start: int = 0
+    energy: float = 0.05
+    rank_multiple: int = 1
+    scheme: str = "channel"
+    nuclear: float = 3e-4
+    trp_period: int = 5
+    seed: int = 0
+    device: str = "cpu"
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the defaults: SVD training and truncation use the paper's Adam (lr 1e-3,
+        batch 100), TRP its official SGD (lr 0.1, momentum 0.9, weight decay 1e-4, batch
+        128); 164 epochs on CIFAR-10, 20 on digits (a quick CPU run), a quarter of them
+        fine-tuning."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.sparsity not in SPARSITY_STRENGTH:
+            raise ValueError(f"unknown sparsity {self.sparsity!r}; expected hoyer or l1")
+        check_energy(self.method, self.energy)
+        check_rank_multiple(self.method, self.rank_multiple)
+        for name, ok, bound in _BOUNDS:
+            value = getattr(self, name)
+            if value is not None and not ((isinstance(value, int) or math.isfinite(value))
+                                          and ok(value)):
+                raise ValueError(f"{self.method}: {name} must be finite and {bound}, got {value}")
+        sgd = self.method == "trp"
+        optimizer = self.optimizer or ("sgd" if sgd else "adam")
+        epochs = self.epochs if self.epochs is not None else (20 if self.data == "digits" else 164)
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        ft = self.finetune_epochs if self.finetune_epochs is not None else epochs // 4
+        if not 0 <= ft < epochs:
+            raise ValueError(f"finetune_epochs must be in [0, epochs), got {ft} of {epochs}")
+        if not 0 <= self.sparsity_start <= epochs - ft:
+            raise ValueError(f"sparsity_start must be in [0, {epochs - ft}] (the epochs before "
+                             f"pruning), got {self.sparsity_start}")
+        return replace(
+            self, epochs=epochs, finetune_epochs=ft,
+            batch_size=self.batch_size if self.batch_size is not None else (128 if sgd else 100),
+            optimizer=optimizer,
+            lr=self.lr if self.lr is not None else (0.1 if optimizer == "sgd" else 1e-3),
+            weight_decay=self.weight_decay if self.weight_decay is not None else (1e-4 if sgd else 0.0),
+            lambda_s=self.lambda_s if self.lambda_s is not None else SPARSITY_STRENGTH[self.sparsity])
+
+
+# Settings with a valid range (None: the method's default), checked by `resolved`.
+_BOUNDS = (("batch_size", lambda v: v >= 1, ">= 1"), ("lr", lambda v: v > 0, "> 0"),
+           ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+           ("weight_decay", lambda v: v >= 0, ">= 0"), ("lambda_o", lambda v: v >= 0, ">= 0"),
+           ("lambda_s", lambda v: v >= 0, ">= 0"), ("nuclear", lambda v: v >= 0, ">= 0"),
+           ("trp_period", lambda v: v >= 1, ">= 1"))
+
+
+class Run:
+    """One training run's state: model, optimizer, data order, learning-rate schedule."""
+
+    def __init__(self, cfg: TrainConfig, data: Dataset, model: nn.Module, progress: bool) -> None:
+        self.cfg, self.data, self.model = cfg, data, model.to(cfg.device)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.optimizer = make_optimizer(cfg, model)
+        self.history: list[dict] = []
+        self.progress = progress
+
+    def rebuild_optimizer(self) -> None:
+        """A fresh optimizer after the parameters changed (post-hoc truncation)."""
+        self.optimizer = make_optimizer(self.cfg, self.model)
+
+    def lr_at(self, epoch: int, phase: range) -> float:
+        """Step schedule within a phase: x0.1 at 50% and 75% of its epochs (never in its
+        first epoch, so a 1-epoch phase runs at the base rate)."""
+        done = epoch - phase.start
+        return self.cfg.lr * 0.1 ** sum(done >= max(1, int(f * len(phase))) for f in (0.5, 0.75))
+
+    def train(self, epochs: range, label: str, penalty: Callable[[], Tensor] | None = None,
+              after_backward: Callable[[], None] | None = None,
+              after_step: Callable[[], object] | None = None,
+              on_epoch: Callable[[int], None] | None = None) -> None:
+        """Train over `epochs` (absolute epoch numbers), one phase of the schedule."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(epochs, desc=label, leave=False, disable=not self.progress, file=sys.stderr)
+        for epoch in bar:
+            if on_epoch is not None:
+                on_epoch(epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(epoch, epochs)
+            self.model.train()
+            total = count = 0.0
+            for x, y in batches(self.data.train_x, self.data.train_y, self.cfg.batch_size,
+                                self.gen, self.data.augment, self.data.black):
+                x, y = x.to(self.cfg.device), y.to(self.cfg.device)
+                loss = F.cross_entropy(self.model(x), y)
+                total += float(loss.detach()) * len(y)
+                count += len(y)
+                if penalty is not None:
+                    loss = loss + penalty()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if after_backward is not None:
+                    after_backward()
+                self.optimizer.step()
+                if after_step is not None:
+                    after_step()
+            acc = evaluate(self.model, self.data, self.cfg.device)
+            self.history.append({"epoch": epoch, "phase": label, "loss": total / count,
+                                 "test_accuracy": acc})
+            bar.set_postfix(loss=f"{total / count:.3f}", acc=f"{acc:.1f}")
+
+    def fork(self) -> "Run":
+        """An independent copy (model, optimizer state and data order) to branch from."""
+        other = copy.copy(self)
+        other.model, other.optimizer = copy.deepcopy((self.model, self.optimizer))
+        other.gen = torch.Generator().manual_seed(0)
+        other.gen.set_state(self.gen.get_state())
+        other.history = list(self.history)
+        return other
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adam or sgd")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, device: str) -> float:
+    """Test accuracy in percent."""
+    model.eval()
+    correct = 0
+    for x, y in batches(data.test_x, data.test_y, 500):
+        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+    return 100.0 * correct / len(data.test_y)
+
+
+def spectra(model: nn.Module) -> dict[str, list[float]]:
+    """Singular values of every SVD layer (all groups, descending)."""
+    return {name: sorted(layer.s.detach().flatten().double().tolist(), reverse=True)
+            for name, layer in svd_layers(model)}
+
+
+def dense_spectra(model: nn.Module, scheme: str) -> dict[str, list[float]]:
+    """Singular values of a dense model's layers, via its exact SVD form."""
+    return spectra(decompose(copy.deepcopy(model).cpu(), scheme))
+
+
+def costs(model: nn.Module, data: Dataset) -> dict:
+    """Parameters and FLOPs per sample of an SVD model: svdkern.summary's totals, and the
+    deployed cost as svdkern.export ships it: a layer not worth factorizing
+    (r (m+n) >= m n) counts dense, the others as two thin layers with `s` folded in."""
+    example = data.test_x[:1].to(next(model.parameters()).device)
+    table = summary(model, example, verbose=False)
+    layers = [dict(svd_layers(model))[row.name] for row in table.layers]
+    keep = [layer.worth_factorizing() for layer in layers]
+    return {
+        "table": str(table),
+        "summary": table.to_dict(),
+        "params": table.params, "dense_params": table.dense_params,
+        "flops": table.flops, "dense_flops": table.dense_flops,
+        "deployed_params": sum(layer.lowrank_params() if k else r.dense_params
+                               for r, layer, k in zip(table.layers, layers, keep)),
+        "deployed_flops": sum(r.flops if k else r.dense_flops for r, k in zip(table.layers, keep)),
+        "ranks": {r.name: [r.rank, r.full_rank] for r in table.layers},
+    }
+
+
+def run_method(cfg: TrainConfig, data: Dataset, energies: list[float] | None = None,
+               progress: bool = False) -> list[dict]:
+    """Run `cfg.method` and return one result dict per energy threshold (default: cfg.energy)."""
+    cfg = cfg.resolved()
+    energies = list(energies) if energies else [cfg.energy]
+    runner = {"svd": _run_svd, "trp": _run_trp, "truncate": _run_truncate}[cfg.method]
+    return runner(cfg, data, energies, progress)
+
+
+def _fresh_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model, data.input_shape, data.num_classes)
+
+
+def _result(cfg: TrainConfig, energy: float, run: Run, final: nn.Module, acc_before: float,
+            spec_init: dict, spec_before: dict, seconds: float, extra: dict | None = None) -> dict:
+    return {"method": cfg.method, "energy": energy, "config": asdict(replace(cfg, energy=energy)),
+            "accuracy": evaluate(final, run.data, cfg.device), "accuracy_before": acc_before,
+            **costs(final, run.data),
+            "spectra": {"init": spec_init, "before": spec_before, "after": spectra(final)},
+            "history": run.history, "seconds": seconds, **(extra or {})}
+
+
+def _run_svd(cfg: TrainConfig, data: Dataset, energies: list[float], progress: bool) -> list[dict]:
+    t0 = time.perf_counter()
+    model = decompose(_fresh_model(cfg, data), cfg.scheme)
+    spec_init = spectra(model)
+    run = Run(cfg, data, model, progress)
+    prune_at = cfg.epochs - cfg.finetune_epochs
+    hook = SVDTraining(run.model, cfg.lambda_o, cfg.sparsity, cfg.lambda_s, cfg.energy,
+                       sparsity_start=cfg.sparsity_start, rank_multiple=cfg.rank_multiple)
+    run.train(range(prune_at), "svd train", penalty=hook.penalty, on_epoch=hook.on_epoch_start)
+    acc_before, spec_before = evaluate(run.model, data, cfg.device), spectra(run.model)
+    shared = time.perf_counter() - t0
+    results = []
+    for energy in energies:
+        t1 = time.perf_counter()
+        branch = run.fork()
+        hook = SVDTraining(branch.model, cfg.lambda_o, cfg.sparsity, cfg.lambda_s, energy,
+                           rank_multiple=cfg.rank_multiple)
+        hook.prune_now(branch.optimizer)
+        if cfg.finetune_epochs:
+            branch.train(range(prune_at, cfg.epochs), f"svd finetune e={energy}",
+                         penalty=hook.penalty)
+        results.append(_result(cfg, energy, branch, branch.model, acc_before, spec_init,
+                               spec_before, shared + time.perf_counter() - t1))
+    return results
+
+
+def _run_truncate(cfg: TrainConfig, data: Dataset, energies: list[float], progress: bool) -> list[dict]:
+    t0 = time.perf_counter()
+    run = Run(cfg, data, _fresh_model(cfg, data), progress)
+    spec_init = dense_spectra(run.model, cfg.scheme)
+    prune_at = cfg.epochs - cfg.finetune_epochs
+    run.train(range(prune_at), "dense train")
+    acc_before = evaluate(run.model, data, cfg.device)
+    shared = time.perf_counter() - t0
+    results = []
+    for energy in energies:
+        t1 = time.perf_counter()
+        branch = run.fork()
+        decompose(branch.model, cfg.scheme)
+        spec_before = spectra(branch.model)
+        prune(branch.model, energy, rank_multiple=cfg.rank_multiple)
+        acc_truncated = evaluate(branch.model, data, cfg.device)
+        branch.rebuild_optimizer()
+        if cfg.finetune_epochs:
+            branch.train(range(prune_at, cfg.epochs), f"truncate finetune e={energy}")
+        results.append(_result(cfg, energy, branch, branch.model, acc_before, spec_init,
+                               spec_before, shared + time.perf_counter() - t1,
+                               {"accuracy_truncated": acc_truncated}))
+    return results
+
+
+def _run_trp(cfg: TrainConfig, data: Dataset, energies: list[float], progress: bool) -> list[dict]:
+    results = []
+    for energy in energies:
+        t0 = time.perf_counter()
+        run = Run(cfg, data, _fresh_model(cfg, data), progress)
+        spec_init = dense_spectra(run.model, cfg.scheme)
+        trp = TRP(run.model, energy, cfg.nuclear, cfg.trp_period, cfg.scheme,
+                  rank_multiple=cfg.rank_multiple)
+        run.train(range(cfg.epochs), f"trp e={energy}", after_backward=trp.after_backward,
+                  after_step=trp.after_step)
+        acc_before = evaluate(run.model, data, cfg.device)
+        spec_before = dense_spectra(run.model, cfg.scheme)
+        final = trp.to_svd()
+        results.append(_result(cfg, energy, run, final, acc_before, spec_init, spec_before,
+                               time.perf_counter() - t0))
+    return results
+
+
+def dense_baseline(cfg: TrainConfig, data: Dataset, progress: bool = False) -> dict:
+    """The uncompressed reference: the dense model trained for all epochs (truncation's
+    optimizer), with its accuracy and dense cost."""
+    cfg = replace(cfg, method="truncate").resolved()
+    run = Run(cfg, data, _fresh_model(cfg, data), progress)
+    run.train(range(cfg.epochs), "dense")
+    svd_form = decompose(copy.deepcopy(run.model), cfg.scheme)
+    c = costs(svd_form, data)
+    return {"method": "dense", "accuracy": evaluate(run.model, data, cfg.device),
+            "params": c["dense_params"], "flops": c["dense_flops"],
+            "deployed_params": c["dense_params"], "deployed_flops": c["dense_flops"]}

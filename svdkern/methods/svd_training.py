@@ -1,0 +1,175 @@
+"""SVD training (Yang et al. 2020; docs/SPEC.md section 1): the regularizer over a model's
+SVD layers, its schedule as a callback for any training loop, and the wrapper that runs the
+regularizer inside the forward for FSDP.
+
+`SVDTraining` makes no assumption about the optimizer, scheduler or data loader: the loop
+adds `penalty()` to its loss and calls `on_epoch_start(epoch)`; the callback switches the
+sparsity term on at `sparsity_start`, prunes at `prune_epoch` and then fine-tunes
+(sparsity off, orthogonality kept), as in docs/SPEC.md section 1's pipeline.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .. import ops
+from ..compress.pruning import PruneRecord, prune
+from ..layers import svd_layers
+from ..reference import check_energy, check_rank_multiple
+
+SPARSITY = {"hoyer": ops.hoyer_loss, "l1": ops.l1_loss, None: None}
+
+
+class SVDRegularizer:
+    """Calling it returns `ortho * sum L_o(U, V) + strength * sum L_s(s)` over every SVD
+    layer of `model` (docs/SPEC.md section 1), a differentiable scalar to add to the task loss.
+
+    Layers are looked up at each call, so the regularizer follows pruning. `sparsity` may be
+    set to None later (fine-tuning) but a regularizer that adds nothing is an error.
+    """
+
+    def __init__(self, model: nn.Module, ortho: float = 1.0, sparsity: str | None = "hoyer",
+                 strength: float = 1e-3) -> None:
+        self.check_settings(ortho, sparsity, strength)
+        if not svd_layers(model):
+            raise ValueError("SVDRegularizer: the model has no SVD layers (call svdkern.decompose "
+                             "first); the regularizer would add nothing")
+        self.model = model
+        self.ortho = float(ortho)
+        self.sparsity = sparsity
+        self.strength = float(strength)
+        self._check_active()
+
+    @staticmethod
+    def check_settings(ortho: float, sparsity: str | None, strength: float) -> None:
+        """The constructor's checks of its settings, with no model: a checkpoint's settings
+        may have both terms off (fine-tuning after pruning), which only a call refuses."""
+        if sparsity not in SPARSITY:
+            raise ValueError(f"SVDRegularizer: sparsity must be 'hoyer', 'l1' or None, got {sparsity!r}")
+        for label, value in (("ortho", ortho), ("strength", strength)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"SVDRegularizer: {label} must be a finite number >= 0, got {value!r}")
+
+    def adds_nothing(self) -> bool:
+        """Whether both terms are off (ortho 0, and no sparsity or strength 0)."""
+        return self.ortho == 0 and (self.sparsity is None or self.strength == 0)
+
+    def _check_active(self) -> None:
+        if self.adds_nothing():
+            raise ValueError("SVDRegularizer: both terms are off (ortho=0 and no sparsity); "
+                             "the regularizer would add nothing")
+
+    def orthogonality(self) -> Tensor:
+        """Unweighted `sum L_o` over every U and V of the model."""
+        layers = svd_layers(self.model)
+        with _without_autocast(layers):
+            return ops.orthogonality_loss([M for _, layer in layers
+                                           for M in layer.factor_matrices()])
+
+    def sparsity_loss(self) -> Tensor:
+        """Unweighted `sum L_s` over every singular-value vector of the model."""
+        if self.sparsity is None:
+            raise ValueError("SVDRegularizer: sparsity is None")
+        layers = svd_layers(self.model)
+        with _without_autocast(layers):
+            return SPARSITY[self.sparsity]([s for _, layer in layers
+                                            for s in layer.singular_values()])
+
+    def __call__(self) -> Tensor:
+        self._check_active()
+        active = self.sparsity is not None and self.strength > 0
+        total = self.ortho * self.orthogonality() if self.ortho else None
+        if active:
+            term = self.strength * self.sparsity_loss()
+            total = term if total is None else total + term
+        return total
+
+    def __repr__(self) -> str:
+        return (f"SVDRegularizer(ortho={self.ortho}, sparsity={self.sparsity!r}, "
+                f"strength={self.strength})")
+
+
+def _without_autocast(layers) -> torch.autocast:
+    """The regularizers accumulate in fp32 at least: autocast would run the Gram GEMMs in
+    bf16/fp16, so it is switched off for them (half-precision factors are upcast by the ops)."""
+    return torch.autocast(layers[0][1].U.device.type, enabled=False)
+
+
+class SVDTraining:
+    """Schedule of SVD training over epochs for a model already in SVD form.
+
+    Example::
+
+        hook = SVDTraining(model, strength=0.07, energy=0.01, prune_epoch=30)
+        for epoch in range(40):
+            hook.on_epoch_start(epoch, optimizer)   # prunes at epoch 30 (slices Adam state)
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y) + hook.penalty()
+                optimizer.zero_grad(); loss.backward(); optimizer.step()
+    """
+
+    def __init__(self, model: nn.Module, ortho: float = 1.0, sparsity: str | None = "hoyer",
+                 strength: float = 0.07, energy: float = 0.01, prune_epoch: int | None = None,
+                 sparsity_start: int = 0, rank_multiple: int = 1) -> None:
+        energy = check_energy("SVDTraining", energy)
+        check_rank_multiple("SVDTraining", rank_multiple)
+        if prune_epoch is not None and prune_epoch < sparsity_start:
+            raise ValueError(f"SVDTraining: prune_epoch {prune_epoch} comes before "
+                             f"sparsity_start {sparsity_start}")
+        self.regularizer = SVDRegularizer(model, ortho, sparsity, strength)
+        self.model = model
+        self.sparsity = sparsity
+        self.energy = energy
+        self.rank_multiple = rank_multiple
+        self.prune_epoch = prune_epoch
+        self.sparsity_start = sparsity_start
+        self.records: list[PruneRecord] = []
+        self.finetuning = False
+        self.regularizer.sparsity = None if sparsity_start > 0 else sparsity
+
+    def on_epoch_start(self, epoch: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Apply the schedule for `epoch` (0-based). Pass the optimizer so pruning slices its
+        state; without it, rebuild the optimizer after the pruning epoch."""
+        if self.prune_epoch is not None and epoch > self.prune_epoch and not self.finetuning:
+            self._start_finetuning()  # resumed after the pruning epoch: already pruned
+        if not self.finetuning:
+            self.regularizer.sparsity = self.sparsity if epoch >= self.sparsity_start else None
+        if self.prune_epoch is not None and epoch == self.prune_epoch and not self.finetuning:
+            self.prune_now(optimizer)
+
+    def prune_now(self, optimizer: torch.optim.Optimizer | None = None) -> list[PruneRecord]:
+        """Prune by the energy rule and switch to fine-tuning (sparsity off, ortho kept)."""
+        self.records = prune(self.model, self.energy, optimizer=optimizer,
+                             rank_multiple=self.rank_multiple)
+        self._start_finetuning()
+        return self.records
+
+    def _start_finetuning(self) -> None:
+        self.finetuning = True
+        self.regularizer.sparsity = None
+
+    def penalty(self) -> Tensor:
+        """The regularizer to add to the task loss (zero when every term is off)."""
+        if self.regularizer.adds_nothing():
+            return torch.zeros((), device=next(self.model.parameters()).device)
+        return self.regularizer()
+
+
+class WithRegularizer(nn.Module):
+    """`model` whose forward also returns the regularizer: `(model(*args), regularizer())`.
+
+    Under FSDP (`fully_shard`) parameters are sharded DTensors outside the forward pass, so
+    the regularizer must run inside it: shard this wrapper (at its root, so every factor is
+    unsharded during the forward) and add the second output to the task loss.
+    """
+
+    def __init__(self, model: nn.Module, regularizer) -> None:
+        super().__init__()
+        self.model = model
+        self.regularizer = regularizer
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs), self.regularizer()

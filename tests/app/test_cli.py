@@ -1,0 +1,121 @@
+"""`python -m svdkern train|compare` end to end on the bundled digits with tiny epochs:
+the printed table and every file written (JSON numbers, markdown report, PNG plots)."""
+import json
+import subprocess
+import sys
+
+import matplotlib.image as mpimg
+import pytest
+
+from tests.app.cifar_files import write_cifar_folder
+from svdkern.app.cli import main
+
+TINY = ["--epochs", "2", "--finetune-epochs", "1", "--no-progress", "--train-samples", "300"]
+
+
+def _check_png(path):
+    img = mpimg.imread(str(path))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert img[..., :3].std() > 0  # not a blank canvas
+
+
+@pytest.mark.parametrize("method, model", [("svd", "cnn"), ("trp", "cnn"), ("truncate", "mlp")])
+def test_train_writes_json_report_plots(tmp_path, capsys, method, model):
+    out = tmp_path / "run"
+    assert main(["train", "--method", method, "--model", model, "--energy", "0.2",
+                 "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads((out / "result.json").read_text())
+    assert r["method"] == method and r["energy"] == 0.2 and r["config"]["epochs"] == 2
+    assert 0 <= r["accuracy"] <= 100 and 0 <= r["accuracy_before"] <= 100
+    assert len(r["history"]) == 2
+    layers = r["summary"]["layers"]
+    assert [l["name"] for l in layers] == list(r["ranks"]) == list(r["spectra"]["after"])
+    for l in layers:
+        assert r["ranks"][l["name"]] == [l["rank"], l["full_rank"]]
+        assert len(r["spectra"]["after"][l["name"]]) == l["rank"]
+        assert len(r["spectra"]["before"][l["name"]]) == l["full_rank"]
+    assert r["deployed_flops"] <= r["dense_flops"] and r["flops"] == r["summary"]["total"]["flops"]
+    assert any(k < full for k, full in r["ranks"].values())  # energy 0.2 prunes something
+    assert f"test accuracy {r['accuracy']:.2f}%" in printed and "total" in printed
+    report = (out / "report.md").read_text()
+    assert f"# svdkern train: {method}" in report and r["table"] in report
+    for png in ("spectra.png", "ranks.png", "accuracy_vs_flops.png"):
+        assert f"]({png})" in report
+        _check_png(out / png)
+
+
+def test_compare_runs_three_methods(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", "mlp", "--energies", "0.05,0.3", "--out", str(out),
+                 *TINY]) == 0
+    payload = json.loads((out / "compare.json").read_text())
+    rows = [(r["method"], r["energy"]) for r in payload["results"]]
+    assert rows == [(m, e) for m in ("svd", "trp", "truncate") for e in (0.05, 0.3)]
+    assert all(r["config"]["epochs"] == 2 for r in payload["results"])
+    assert payload["dense"]["flops"] == payload["results"][0]["dense_flops"]
+    table = capsys.readouterr().out
+    assert table.count("\n| ") == 7 and "| dense |" in table
+    assert table.splitlines()[0] in (out / "compare.md").read_text()
+    _check_png(out / "accuracy_vs_flops.png")
+
+
+def test_train_on_cifar_folder(tmp_path):
+    write_cifar_folder(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--model", "cnn",
+                 "--method", "truncate", "--out", str(out), *TINY]) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["config"]["data"] == "cifar10" and r["summary"]["layers"][0]["shape"] == [32, 27]
+    assert len(r["history"]) == 2
+
+
+def test_missing_cifar_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--data", "cifar10", "--data-dir", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "svdkern: error:" in err and "does not exist" in err
+
+
+def test_module_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "svdkern", "train", "--data", "cifar10",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--data-dir" in proc.stderr
+
+
+@pytest.mark.parametrize("command, flag, value, named", [
+    ("train", "--energy", "1.5", "energy"), ("train", "--rank-multiple", "0", "rank_multiple"),
+    ("train", "--batch-size", "0", "batch_size"), ("train", "--batch-size", "-5", "batch_size"),
+    ("train", "--lr", "0", "lr"), ("train", "--lambda-o", "-1", "lambda_o"),
+    ("train", "--nuclear", "nan", "nuclear"), ("train", "--lambda-s", "inf", "lambda_s"),
+    ("train", "--trp-period", "0", "trp_period"),
+    ("compare", "--energies", "0.1,1.5", "energy")])
+def test_bad_setting_is_a_clear_error_before_any_work(tmp_path, capsys, command, flag, value,
+                                                       named):
+    out = tmp_path / "run"
+    assert main([command, flag, value, "--out", str(out), "--no-progress"]) == 2
+    assert f"{named} must be" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sparsity_start_trains_orthogonality_only_first(tmp_path, monkeypatch):
+    """--sparsity-start E: the paper's stage 1 (orthogonality only) for E epochs, then the
+    sparsity term, then fine-tuning without it: recorded at every penalty call."""
+    from svdkern.methods.svd_training import SVDTraining
+    seen = []
+    penalty = SVDTraining.penalty
+
+    def recording(self):
+        seen.append(self.regularizer.sparsity)
+        return penalty(self)
+    monkeypatch.setattr(SVDTraining, "penalty", recording)
+    assert main(["train", "--model", "mlp", "--epochs", "3", "--finetune-epochs", "1",
+                 "--sparsity-start", "1", "--no-progress", "--train-samples", "300",
+                 "--out", str(tmp_path)]) == 0
+    assert seen == [None] * 3 + ["hoyer"] * 3 + [None] * 3  # 300 samples = 3 batches/epoch
+
+
+def test_sparsity_start_after_pruning_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--epochs", "4", "--finetune-epochs", "1", "--sparsity-start", "4",
+                 "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "sparsity_start must be in [0, 3]" in capsys.readouterr().err

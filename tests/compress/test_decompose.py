@@ -1,0 +1,118 @@
+"""decompose / SVD layers compute exactly the original function (float64)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import svdkern
+from svdkern import SVDConv2d, SVDLinear, reference
+from tests.helpers import rel_err, small_cnn
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 13), (13, 7), (1, 5), (9, 9)])
+def test_linear_decomposition_is_exact(shape, bias):
+    n, m = shape
+    dense = nn.Linear(n, m, bias=bias).double()
+    layer = SVDLinear.from_dense(dense)
+    x = torch.randn(4, 3, n, dtype=torch.float64)
+    assert layer.rank == min(n, m)
+    assert rel_err(layer(x), dense(x)) < 1e-10
+    assert rel_err(layer.weight, dense.weight) < 1e-10
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("conv", [
+    dict(in_channels=3, out_channels=5, kernel_size=3, stride=2, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=(3, 5), stride=(2, 1), padding=(2, 1),
+         dilation=(1, 2), bias=False),
+    dict(in_channels=6, out_channels=4, kernel_size=3, groups=2, padding=1),
+    dict(in_channels=5, out_channels=5, kernel_size=3, groups=5, dilation=2, padding=2),
+    dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(in_channels=3, out_channels=4, kernel_size=3, padding="same", dilation=2),
+    dict(in_channels=2, out_channels=3, kernel_size=1),
+])
+def test_conv_decomposition_is_exact(scheme, conv):
+    dense = nn.Conv2d(**conv).double()
+    layer = SVDConv2d.from_dense(dense, scheme=scheme)
+    x = torch.randn(2, conv["in_channels"], 9, 11, dtype=torch.float64)
+    assert rel_err(layer(x), dense(x)) < 1e-10
+    # the two thin convs too (at full rank the dispatch may build the dense weight instead)
+    chain = reference.svd_conv2d(x, layer.U, layer.s, layer.V, layer.bias, layer.spec)
+    assert rel_err(chain, dense(x)) < 1e-10
+    assert rel_err(layer.weight, dense.weight) < 1e-10
+    assert layer.weight.shape == dense.weight.shape
+    for attr in ("in_channels", "out_channels", "groups"):
+        assert getattr(layer, attr) == getattr(dense, attr)
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_decompose_model_is_exact_and_in_place(scheme):
+    model = small_cnn()
+    x = torch.randn(3, 3, 10, 8, dtype=torch.float64)
+    expected = model(x)
+    out = svdkern.decompose(model, scheme=scheme)
+    assert out is model
+    assert not any(type(m) in (nn.Linear, nn.Conv2d) for m in model.modules())
+    assert rel_err(model(x), expected) < 1e-10
+    names = [name for name, _ in svdkern.svd_layers(model)]
+    assert names == ["0", "2", "3", "4", "6"]
+    assert model[2].layer_name == "2"
+
+
+def test_decompose_skip_by_name_and_glob():
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 2))
+    svdkern.decompose(model, skip=["0.*"])
+    assert type(model[0][0]) is nn.Linear and type(model[0][1]) is nn.Linear
+    assert isinstance(model[1], SVDLinear)
+
+
+def test_decompose_bare_layer_returns_svd_layer():
+    dense = nn.Linear(5, 3).double()
+    layer = svdkern.decompose(dense)
+    assert isinstance(layer, SVDLinear)
+
+
+def test_decompose_keeps_dtype_and_is_idempotent():
+    model = nn.Sequential(nn.Linear(6, 4)).to(torch.bfloat16)
+    svdkern.decompose(model)
+    assert model[0].U.dtype == torch.bfloat16
+    before = model[0]
+    svdkern.decompose(model)
+    assert model[0] is before
+
+
+def test_from_scratch_layers_are_orthonormal_with_default_spectrum():
+    torch.manual_seed(1)
+    lin = SVDLinear(12, 7, dtype=torch.float64)
+    eye = torch.eye(7, dtype=torch.float64)
+    assert rel_err(lin.U.T @ lin.U, eye) < 1e-10
+    assert rel_err(lin.V.T @ lin.V, eye) < 1e-10
+    assert bool((lin.s[:-1] >= lin.s[1:]).all()) and bool((lin.s > 0).all())
+    conv = SVDConv2d(4, 6, 3, scheme="spatial", rank=2, dtype=torch.float64)
+    assert conv.U.shape == (1, 6 * 3, 2) and conv.V.shape == (1, 4 * 3, 2)
+    assert conv(torch.randn(1, 4, 5, 5, dtype=torch.float64)).shape == (1, 6, 3, 3)
+
+
+def test_truncated_rank_matches_truncated_svd():
+    dense = nn.Linear(8, 6).double()
+    layer = SVDLinear.from_dense(dense, rank=2)
+    U, s, Vh = torch.linalg.svd(dense.weight.detach())
+    assert rel_err(layer.weight, (U[:, :2] * s[:2]) @ Vh[:2]) < 1e-10
+
+
+def test_weight_property_is_differentiable():
+    layer = SVDLinear(5, 4, dtype=torch.float64)
+    layer.weight.sum().backward()
+    assert layer.U.grad is not None and layer.s.grad is not None and layer.V.grad is not None
+
+
+def test_grouped_factors_and_matrices():
+    conv = SVDConv2d(6, 4, 3, groups=2, dtype=torch.float64)
+    U, s, V = conv.grouped_factors()
+    assert U.shape == (2, 2, 2) and s.shape == (2, 2) and V.shape == (2, 27, 2)
+    assert len(list(conv.factor_matrices())) == 4 and len(list(conv.singular_values())) == 2
+    lin = SVDLinear(5, 3)
+    assert [t.shape for t in lin.grouped_factors()] == [(1, 3, 3), (1, 3), (1, 5, 3)]
+    assert copy.deepcopy(lin).rank == 3
