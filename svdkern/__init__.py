@@ -8,6 +8,7 @@ training, TRP); `app` is the training application of `python -m svdkern`."""
 from . import backend, ops, reference
 from .compress.checkpoint import load, save
 from .compress.decompose import decompose
+from .compress.deploy import load_compressed, save_compressed
 from .compress.distributed import prune_distributed
 from .compress.export import export
 from .compress.pruning import PruneRecord, prune
@@ -22,5 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ModelSummary", "Plan", "PruneRecord", "SVDConv2d", "SVDLayer", "SVDLinear", "SVDRegularizer",
     "SVDTraining", "TRP", "WithRegularizer", "backend", "decompose", "explain", "export", "load",
-    "ops", "prune", "prune_distributed", "reference", "save", "summary", "svd_layers",
+    "load_compressed", "ops", "prune", "prune_distributed", "reference", "save",
+    "save_compressed", "summary", "svd_layers",
 ]

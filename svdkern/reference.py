@@ -197,14 +197,21 @@ def energy_keep_count(s: Tensor, energy: float) -> int:
     return max(1, e2.numel() - removable)
 
 
+def _as_real(value) -> float:
+    """`value` as a float (Python, NumPy or one-element tensor), NaN for anything else: a
+    string or a boolean of any kind included, which float() would accept."""
+    if isinstance(value, (str, bytes, bool)) or "bool" in str(getattr(value, "dtype", "")):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return math.nan
+
+
 def check_energy(who: str, energy) -> float:
     """`energy` as a float, or a ValueError naming `who` unless it is a real number in
     [0, 1) (Python, NumPy or one-element tensor; not a string or a boolean of any kind)."""
-    boolean = isinstance(energy, (str, bytes, bool)) or "bool" in str(getattr(energy, "dtype", ""))
-    try:
-        value = math.nan if boolean else float(energy)
-    except (TypeError, ValueError, RuntimeError):
-        value = math.nan
+    value = _as_real(energy)
     if not 0 <= value < 1:
         raise ValueError(f"{who}: energy must be a number in [0, 1), got {energy!r}")
     return value
@@ -216,10 +223,35 @@ def check_rank_multiple(who: str, rank_multiple) -> None:
         raise ValueError(f"{who}: rank_multiple must be an integer >= 1, got {rank_multiple!r}")
 
 
-def kept_rank(s: Tensor, energy: float, rank_multiple: int = 1) -> int:
-    """Rank a layer keeps: the largest `energy_keep_count` of its groups `s` (g, r), rounded
-    up to a multiple of `rank_multiple` (at most r), so every group keeps the same rank."""
-    k = max(energy_keep_count(group, energy) for group in s)
+def threshold_keep_count(s: Tensor, threshold: float) -> int:
+    """Ranks kept by the value rule (official `--sensitivity`, TRP's `ValueThreshold`): the
+    `|s_j| >= threshold`; keep at least one."""
+    return max(1, int((s.detach().abs() >= threshold).sum()))
+
+
+def check_prune_rule(who: str, energy, threshold) -> tuple[float | None, float | None]:
+    """(energy, threshold) with exactly one given, each checked: a ValueError naming `who`
+    otherwise. `threshold` is a finite number >= 0 (not a boolean or a string)."""
+    if (energy is None) == (threshold is None):
+        raise ValueError(f"{who}: give exactly one of energy and threshold, got energy={energy!r}, "
+                         f"threshold={threshold!r}")
+    if energy is not None:
+        return check_energy(who, energy), None
+    value = _as_real(threshold)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{who}: threshold must be a finite number >= 0, got {threshold!r}")
+    return None, value
+
+
+def kept_rank(s: Tensor, energy: float | None, rank_multiple: int = 1,
+              threshold: float | None = None) -> int:
+    """Rank a layer keeps: the largest count of its groups `s` (g, r) by the energy rule
+    (`energy_keep_count`) or, with `threshold`, the value rule (`threshold_keep_count`),
+    rounded up to a multiple of `rank_multiple` (at most r), so every group keeps the same
+    rank."""
+    count = ((lambda group: threshold_keep_count(group, threshold)) if threshold is not None
+             else (lambda group: energy_keep_count(group, energy)))
+    k = max(count(group) for group in s)
     return min(s.shape[-1], -(-k // rank_multiple) * rank_multiple)
 
 

@@ -28,6 +28,8 @@ def test_the_library_runs_without_the_app_dependencies():
         "svdkern.export(model)\n"
         "str(svdkern.summary(model, example_input=torch.randn(1, 1, 6, 6), verbose=False))\n"
         "assert not [m for m in sys.modules if m.startswith('svdkern.app')], 'app imported'\n"
+        "frameworks = {'transformers', 'lightning', 'safetensors', 'triton'} & set(sys.modules)\n"
+        "assert not frameworks, f'import svdkern loaded {frameworks}'\n"
         "print('ok')\n"))
     assert done.returncode == 0 and done.stdout.split()[-1:] == ["ok"], done.stderr[-2000:]
 

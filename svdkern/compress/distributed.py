@@ -14,23 +14,24 @@ import torch.nn as nn
 from .pruning import PruneRecord, apply_plan, plan
 
 
-def prune_distributed(model: nn.Module, energy: float,
+def prune_distributed(model: nn.Module, energy: float | None = None,
                       optimizer: torch.optim.Optimizer | None = None, src: int = 0,
                       group: dist.ProcessGroup | None = None,
-                      rank_multiple: int = 1) -> list[PruneRecord]:
+                      rank_multiple: int = 1, *, threshold: float | None = None
+                      ) -> list[PruneRecord]:
     """`svdkern.prune` for a model replicated on every rank of `group`: the ranks kept in
     each layer are chosen on global rank `src` and broadcast, then applied on every rank.
 
     Pass the bare module (`ddp.module`), not the DDP wrapper, and wrap it again afterwards
     (the parameters changed shape): `ddp = DistributedDataParallel(ddp.module, ...)`; the new
-    wrapper also broadcasts `src`'s parameter values. `optimizer` is sliced and `rank_multiple`
-    rounds the kept ranks as in `prune`.
+    wrapper also broadcasts `src`'s parameter values. `optimizer` is sliced, `rank_multiple`
+    rounds the kept ranks and `threshold` replaces the energy rule as in `prune`.
     Without an initialized process group this is `svdkern.prune`.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError("prune_distributed: pass ddp.module, then wrap it again in "
                         "DistributedDataParallel (pruning changes parameter shapes)")
-    plans = plan(model, energy, rank_multiple)
+    plans = plan(model, energy, rank_multiple, threshold=threshold)
     if dist.is_available() and dist.is_initialized():
         plans = [(name, layer, index) for (name, layer, _), index
                  in zip(plans, _broadcast_indices(plans, src, group))]

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from .. import reference
+from ..reference import ConvSpec
 from ..layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
 from .decompose import replace_modules
 
@@ -57,11 +58,16 @@ def plain_layers(layer: SVDLayer, form: str) -> nn.Module:
     raise TypeError(f"{layer.layer_name}: cannot export {type(layer).__name__}")
 
 
-def _new_like(module_cls, *args, weight, bias, trainable: bool, **kwargs) -> nn.Module:
-    """A plain layer holding `weight` (frozen unless `trainable`, as the factors were) and
-    `bias` (as frozen as it was)."""
-    layer = module_cls(*args, bias=bias is not None, device=weight.device, dtype=weight.dtype,
-                       **kwargs)
+def _trains(*factors: torch.Tensor) -> bool:
+    """Whether a weight built from `factors` trains: when any factor folded into it did (an
+    s-only or V-frozen run trains part of the layer)."""
+    return any(f.requires_grad for f in factors)
+
+
+def _fill(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
+          trainable: bool) -> nn.Module:
+    """`layer` holding `weight` (frozen unless `trainable`, per the factors folded into it)
+    and `bias` (as frozen as it was)."""
     layer.weight.copy_(weight)
     layer.weight.requires_grad_(trainable)
     if bias is not None:
@@ -70,37 +76,57 @@ def _new_like(module_cls, *args, weight, bias, trainable: bool, **kwargs) -> nn.
     return layer
 
 
+def linear_pair(in_features: int, out_features: int, rank: int, bias: bool,
+                **factory) -> nn.Sequential:
+    """The empty low-rank form of a linear layer: `V^T` (rank x in), then `U diag(s)` (out x
+    rank) with the bias. `load_compressed` rebuilds exactly this."""
+    return nn.Sequential(nn.Linear(in_features, rank, bias=False, **factory),
+                         nn.Linear(rank, out_features, bias=bias, **factory))
+
+
+def conv_pair(spec: ConvSpec, rank: int, bias: bool, **factory) -> nn.Sequential:
+    """The empty low-rank form of a conv (`reference.conv_chain_weights` shapes and
+    `conv_chain_geometry`): the kh x kw (channel) or kh x 1 (spatial) conv to g*r channels,
+    then the 1 x 1 or 1 x kw conv with the bias."""
+    geo1, geo2 = reference.conv_chain_geometry(spec)
+    kh, kw = spec.kernel_size
+    k1, k2 = ((kh, kw), (1, 1)) if spec.scheme == "channel" else ((kh, 1), (1, kw))
+    hidden = spec.groups * rank
+    common = dict(groups=spec.groups, padding_mode=spec.padding_mode, **factory)
+    return nn.Sequential(nn.Conv2d(spec.in_channels, hidden, k1, bias=False, **geo1, **common),
+                         nn.Conv2d(hidden, spec.out_channels, k2, bias=bias, **geo2, **common))
+
+
+def _factory(layer: SVDLayer) -> dict:
+    return dict(device=layer.U.device, dtype=layer.U.dtype)
+
+
 def _linear_dense(layer: SVDLinear) -> nn.Linear:
-    return _new_like(nn.Linear, layer.in_features, layer.out_features,
-                     weight=layer.weight, bias=layer.bias, trainable=layer.U.requires_grad)
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                      **_factory(layer))
+    return _fill(dense, layer.weight, layer.bias, _trains(layer.U, layer.s, layer.V))
 
 
 def _linear_lowrank(layer: SVDLinear) -> nn.Sequential:
-    trainable = layer.U.requires_grad
-    first = _new_like(nn.Linear, layer.in_features, layer.rank, weight=layer.V.t(), bias=None,
-                      trainable=trainable)
-    second = _new_like(nn.Linear, layer.rank, layer.out_features,
-                       weight=layer.U * layer.s, bias=layer.bias, trainable=trainable)
-    return nn.Sequential(first, second)
+    pair = linear_pair(layer.in_features, layer.out_features, layer.rank,
+                       layer.bias is not None, **_factory(layer))
+    _fill(pair[0], layer.V.t(), None, _trains(layer.V))
+    _fill(pair[1], layer.U * layer.s, layer.bias, _trains(layer.U, layer.s))
+    return pair
 
 
 def _conv_dense(layer: SVDConv2d) -> nn.Conv2d:
     sp = layer.spec
-    return _new_like(nn.Conv2d, sp.in_channels, sp.out_channels, sp.kernel_size,
-                     stride=sp.stride, padding=sp.padding, dilation=sp.dilation,
-                     groups=sp.groups, padding_mode=sp.padding_mode,
-                     weight=layer.weight, bias=layer.bias, trainable=layer.U.requires_grad)
+    dense = nn.Conv2d(sp.in_channels, sp.out_channels, sp.kernel_size, stride=sp.stride,
+                      padding=sp.padding, dilation=sp.dilation, groups=sp.groups,
+                      bias=layer.bias is not None, padding_mode=sp.padding_mode,
+                      **_factory(layer))
+    return _fill(dense, layer.weight, layer.bias, _trains(layer.U, layer.s, layer.V))
 
 
 def _conv_lowrank(layer: SVDConv2d) -> nn.Sequential:
-    sp = layer.spec
-    w1, w2 = reference.conv_chain_weights(layer.U, layer.s, layer.V, sp)
-    geo1, geo2 = reference.conv_chain_geometry(sp)
-    hidden, trainable = w1.shape[0], layer.U.requires_grad
-    first = _new_like(nn.Conv2d, sp.in_channels, hidden, tuple(w1.shape[2:]), groups=sp.groups,
-                      padding_mode=sp.padding_mode, weight=w1, bias=None, trainable=trainable,
-                      **geo1)
-    second = _new_like(nn.Conv2d, hidden, sp.out_channels, tuple(w2.shape[2:]), groups=sp.groups,
-                       padding_mode=sp.padding_mode, weight=w2, bias=layer.bias,
-                       trainable=trainable, **geo2)
-    return nn.Sequential(first, second)
+    w1, w2 = reference.conv_chain_weights(layer.U, layer.s, layer.V, layer.spec)
+    pair = conv_pair(layer.spec, layer.rank, layer.bias is not None, **_factory(layer))
+    _fill(pair[0], w1, None, _trains(layer.V))
+    _fill(pair[1], w2, layer.bias, _trains(layer.U, layer.s))
+    return pair

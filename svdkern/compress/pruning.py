@@ -1,4 +1,4 @@
-"""`prune`: drop singular values by the energy rule and physically shrink U, s, V."""
+"""`prune`: drop singular values by the energy or the value rule and physically shrink U, s, V."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from ..layers import SVDLayer, svd_layers
-from ..reference import check_energy, check_rank_multiple, kept_rank
+from ..reference import check_prune_rule, check_rank_multiple, kept_rank
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,14 @@ class PruneRecord:
     energy_kept: float
 
 
-def prune(model: nn.Module, energy: float, optimizer: torch.optim.Optimizer | None = None,
-          rank_multiple: int = 1) -> list[PruneRecord]:
+def prune(model: nn.Module, energy: float | None = None,
+          optimizer: torch.optim.Optimizer | None = None, rank_multiple: int = 1, *,
+          threshold: float | None = None) -> list[PruneRecord]:
     """Prune every SVD layer of `model` in place by the energy rule (docs/SPEC.md section 1):
     drop the smallest `s_j^2` while the dropped energy is `<= energy * sum s_j^2`, keeping at
-    least rank 1. Grouped convs keep, in every group, the largest rank any group needs.
+    least rank 1; or, with `threshold` instead of `energy` (exactly one), by the value rule:
+    keep the `|s_j| >= threshold`, at least rank 1 (the official `--sensitivity`). Grouped
+    convs keep, in every group, the largest rank any group needs.
     `rank_multiple` rounds each kept rank up to a multiple of it (at most the full rank),
     keeping a few more singular values: with 8, the factors' rows start 16 bytes apart in
     bf16, which the GPU kernels need for 16-byte loads (1: the paper's rule).
@@ -37,15 +40,15 @@ def prune(model: nn.Module, energy: float, optimizer: torch.optim.Optimizer | No
     is sliced to the surviving ranks too. Without it, stale state of the old shape breaks
     the next step: rebuild the optimizer then. Everything is checked before anything changes.
     """
-    return apply_plan(plan(model, energy, rank_multiple), optimizer)
+    return apply_plan(plan(model, energy, rank_multiple, threshold=threshold), optimizer)
 
 
-def plan(model: nn.Module, energy: float,
-         rank_multiple: int = 1) -> list[tuple[str, SVDLayer, Tensor]]:
-    """Validate `model`, `energy` and `rank_multiple` and decide, per SVD layer, the kept rank
-    indices (g, k); nothing is changed. `prune` is `apply_plan(plan(...))`; distributed
-    pruning decides on one rank and applies everywhere."""
-    energy = check_energy("prune", energy)
+def plan(model: nn.Module, energy: float | None = None, rank_multiple: int = 1, *,
+         threshold: float | None = None) -> list[tuple[str, SVDLayer, Tensor]]:
+    """Validate `model`, the rule (`energy` or `threshold`) and `rank_multiple` and decide,
+    per SVD layer, the kept rank indices (g, k); nothing is changed. `prune` is
+    `apply_plan(plan(...))`; distributed pruning decides on one rank and applies everywhere."""
+    energy, threshold = check_prune_rule("prune", energy, threshold)
     check_rank_multiple("prune", rank_multiple)
     layers = svd_layers(model)
     if not layers:
@@ -57,7 +60,8 @@ def plan(model: nn.Module, energy: float,
                              "(torch.nn.utils.parametrize), which pruning cannot shrink; "
                              "remove the parametrization first")
         layer.check_finite()
-        plans.append((name, layer, keep_index(layer._to_grouped(layer.s), energy, rank_multiple)))
+        plans.append((name, layer, keep_index(layer._to_grouped(layer.s), energy, rank_multiple,
+                                              threshold)))
     return plans
 
 
@@ -74,10 +78,12 @@ def apply_plan(plans: list[tuple[str, SVDLayer, Tensor]],
     return records
 
 
-def keep_index(s: Tensor, energy: float, rank_multiple: int = 1) -> Tensor:
+def keep_index(s: Tensor, energy: float | None, rank_multiple: int = 1,
+               threshold: float | None = None) -> Tensor:
     """Per-group indices (g, k) of the ranks kept, in their original order: the largest
-    `s_j` up to the energy rule's count, rounded up to a multiple of `rank_multiple`."""
-    top = torch.topk(s.detach().abs(), kept_rank(s, energy, rank_multiple), dim=-1).indices
+    `|s_j|` up to the rule's count, rounded up to a multiple of `rank_multiple`."""
+    top = torch.topk(s.detach().abs(), kept_rank(s, energy, rank_multiple, threshold),
+                     dim=-1).indices
     return torch.sort(top, dim=-1).values
 
 

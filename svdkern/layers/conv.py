@@ -30,11 +30,7 @@ class SVDConv2d(SVDLayer):
         dense = _dense if _dense is not None else nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, device=device, dtype=dtype)
-        kernel = _pair(dense.kernel_size)
-        dil = _pair(dense.dilation)
-        self.spec = ConvSpec(dense.in_channels, dense.out_channels, kernel, _pair(dense.stride),
-                             explicit_padding(name, dense.padding, kernel, dil, _pair(dense.stride)),
-                             dil, dense.groups, dense.padding_mode, scheme)
+        self.spec = conv_spec(dense, scheme, name)
         matrix = reference.conv_weight_to_matrix(dense.weight.detach(), self.spec)
         self._init_factors(matrix, dense.bias, rank, dense.weight.requires_grad)
 
@@ -85,6 +81,14 @@ class SVDConv2d(SVDLayer):
                 f"stride={sp.stride}, padding={sp.padding}, dilation={sp.dilation}, "
                 f"groups={sp.groups}, scheme={sp.scheme}, rank={self.rank}, "
                 f"bias={self.bias is not None}")
+
+
+def conv_spec(dense: nn.Conv2d, scheme: str, name: str = "SVDConv2d") -> ConvSpec:
+    """The geometry of `dense` held in SVD form under `scheme` (padding made explicit)."""
+    kernel, dil, stride = _pair(dense.kernel_size), _pair(dense.dilation), _pair(dense.stride)
+    return ConvSpec(dense.in_channels, dense.out_channels, kernel, stride,
+                    explicit_padding(name, dense.padding, kernel, dil, stride), dil,
+                    dense.groups, dense.padding_mode, scheme)
 
 
 def explicit_padding(name: str, padding, kernel, dilation, stride) -> tuple[int, int]:

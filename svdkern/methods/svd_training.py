@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import ops
 from ..compress.pruning import PruneRecord, prune
 from ..layers import svd_layers
-from ..reference import check_energy, check_rank_multiple
+from ..reference import check_energy, check_prune_rule, check_rank_multiple
 
 SPARSITY = {"hoyer": ops.hoyer_loss, "l1": ops.l1_loss, None: None}
 
@@ -99,7 +99,8 @@ def _without_autocast(layers) -> torch.autocast:
 
 
 class SVDTraining:
-    """Schedule of SVD training over epochs for a model already in SVD form.
+    """Schedule of SVD training for a model already in SVD form: the regularizer, one prune
+    (at an epoch or at an optimizer step), then fine-tuning with sparsity off.
 
     Example::
 
@@ -109,13 +110,26 @@ class SVDTraining:
             for x, y in loader:
                 loss = F.cross_entropy(model(x), y) + hook.penalty()
                 optimizer.zero_grad(); loss.backward(); optimizer.step()
+
+    `threshold` prunes by the value rule instead of `energy` (see `svdkern.prune`);
+    `prune_step` prunes after that many optimizer steps (`on_step_end`) instead of at an
+    epoch; the trainer integrations (`svdkern.integrations`) drive it by steps or epochs.
     """
 
     def __init__(self, model: nn.Module, ortho: float = 1.0, sparsity: str | None = "hoyer",
                  strength: float = 0.07, energy: float = 0.01, prune_epoch: int | None = None,
-                 sparsity_start: int = 0, rank_multiple: int = 1) -> None:
-        energy = check_energy("SVDTraining", energy)
+                 sparsity_start: int = 0, rank_multiple: int = 1, *,
+                 threshold: float | None = None, prune_step: int | None = None) -> None:
+        if threshold is None:
+            energy = check_energy("SVDTraining", energy)
+        else:
+            energy, threshold = check_prune_rule("SVDTraining", None, threshold)
         check_rank_multiple("SVDTraining", rank_multiple)
+        if prune_epoch is not None and prune_step is not None:
+            raise ValueError("SVDTraining: give at most one of prune_epoch and prune_step")
+        for label, value in (("prune_epoch", prune_epoch), ("prune_step", prune_step)):
+            if value is not None and not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"SVDTraining: {label} must be an integer >= 0, got {value!r}")
         if prune_epoch is not None and prune_epoch < sparsity_start:
             raise ValueError(f"SVDTraining: prune_epoch {prune_epoch} comes before "
                              f"sparsity_start {sparsity_start}")
@@ -123,8 +137,10 @@ class SVDTraining:
         self.model = model
         self.sparsity = sparsity
         self.energy = energy
+        self.threshold = threshold
         self.rank_multiple = rank_multiple
         self.prune_epoch = prune_epoch
+        self.prune_step = prune_step
         self.sparsity_start = sparsity_start
         self.records: list[PruneRecord] = []
         self.finetuning = False
@@ -134,20 +150,39 @@ class SVDTraining:
         """Apply the schedule for `epoch` (0-based). Pass the optimizer so pruning slices its
         state; without it, rebuild the optimizer after the pruning epoch."""
         if self.prune_epoch is not None and epoch > self.prune_epoch and not self.finetuning:
-            self._start_finetuning()  # resumed after the pruning epoch: already pruned
+            self.start_finetuning()  # resumed after the pruning epoch: already pruned
         if not self.finetuning:
             self.regularizer.sparsity = self.sparsity if epoch >= self.sparsity_start else None
         if self.prune_epoch is not None and epoch == self.prune_epoch and not self.finetuning:
             self.prune_now(optimizer)
 
+    def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """After optimizer step number `step` (1-based, as trainers count): prune there when
+        it is `prune_step` (a `prune_step` of 0 prunes at the first call)."""
+        if self.prune_step is not None and step >= self.prune_step and not self.finetuning:
+            self.prune_now(optimizer)
+
+    def resumed_at(self, step: int, epoch: float) -> None:
+        """A run resumed from a checkpoint written after `step` optimizer steps, at `epoch`
+        (fractional, as trainers count): when the prune already happened then, go straight
+        to fine-tuning (the loaded model has the pruned ranks), never pruning again. A step
+        prune happens at the end of `prune_step`, an epoch prune at the start of
+        `prune_epoch`, so a checkpoint at exactly epoch `prune_epoch` precedes it."""
+        if ((self.prune_step is not None and step >= max(self.prune_step, 1))
+                or (self.prune_epoch is not None and epoch > self.prune_epoch)):
+            self.start_finetuning()
+
     def prune_now(self, optimizer: torch.optim.Optimizer | None = None) -> list[PruneRecord]:
-        """Prune by the energy rule and switch to fine-tuning (sparsity off, ortho kept)."""
-        self.records = prune(self.model, self.energy, optimizer=optimizer,
-                             rank_multiple=self.rank_multiple)
-        self._start_finetuning()
+        """Prune by the rule and switch to fine-tuning (sparsity off, ortho kept)."""
+        self.records = prune(self.model, self.energy if self.threshold is None else None,
+                             optimizer=optimizer, rank_multiple=self.rank_multiple,
+                             threshold=self.threshold)
+        self.start_finetuning()
         return self.records
 
-    def _start_finetuning(self) -> None:
+    def start_finetuning(self) -> None:
+        """Fine-tune from now on (sparsity off, ortho kept), without pruning: the model was
+        pruned already (a resumed run)."""
         self.finetuning = True
         self.regularizer.sparsity = None
 
@@ -156,6 +191,16 @@ class SVDTraining:
         if self.regularizer.adds_nothing():
             return torch.zeros((), device=next(self.model.parameters()).device)
         return self.regularizer()
+
+    def backward_penalty(self) -> Tensor:
+        """Add the penalty's gradient to the factors' `.grad` and return its value (detached),
+        for trainers whose loss a callback cannot change: called once per optimizer step,
+        after the task loss's backward (all accumulated micro-batches) and on unscaled
+        gradients, it gives the step the gradient of `task loss + penalty`."""
+        penalty = self.penalty()
+        if penalty.requires_grad:
+            penalty.backward()
+        return penalty.detach()
 
 
 class WithRegularizer(nn.Module):

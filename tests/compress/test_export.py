@@ -105,3 +105,23 @@ def test_linear_cross_entropy_loss_keeps_its_linear_dense():
     with torch.no_grad():
         assert rel_err(exported["loss"](exported["body"](x), y),
                        model["loss"](model["body"](x), y)) < 1e-10
+
+
+@pytest.mark.parametrize("frozen", [("U", "V"), ("V",), ("U", "s"), ()])
+@pytest.mark.parametrize("conv", [False, True])
+def test_export_trainable_flags_follow_the_factors_folded_in(frozen, conv):
+    """First layer: V^T; second: U diag(s); merged: all three. s-only training (U and V
+    frozen) exports a trainable second layer and a frozen first one."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(6, 8, 3) if conv else nn.Linear(12, 10)
+    layer = (svdkern.SVDConv2d.from_dense(dense, rank=2) if conv
+             else svdkern.SVDLinear.from_dense(dense, rank=2))
+    for name in frozen:
+        getattr(layer, name).requires_grad_(False)
+    trains = {name: name not in frozen for name in ("U", "s", "V")}
+    first, second = svdkern.export(layer, "lowrank")
+    assert first.weight.requires_grad == trains["V"]
+    assert second.weight.requires_grad == (trains["U"] or trains["s"])
+    merged = svdkern.export(layer, "dense")
+    assert merged.weight.requires_grad == any(trains.values())
+    assert second.bias.requires_grad and merged.bias.requires_grad

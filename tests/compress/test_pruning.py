@@ -217,3 +217,32 @@ def test_an_ema_copy_is_pruned_by_the_same_plan():
     ema.update_parameters(model)
     x = torch.randn(2, 3, 10, 8)
     assert ema(x).shape == model(x).shape
+
+
+def test_threshold_pruning_keeps_the_values_at_or_above_it_and_at_least_one():
+    """Value rule (official --sensitivity) on hand-set spectra: |s| >= t kept, rank >= 1."""
+    model = svdkern.decompose(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).double())
+    with torch.no_grad():
+        model[0].s.copy_(torch.tensor([1.0, -5.0, 2.0, 4.0, 2.5], dtype=torch.float64))
+        model[1].s.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
+    U0, V0 = model[0].U.detach().clone(), model[0].V.detach().clone()
+    records = svdkern.prune(model, threshold=2.5)
+    assert [r.rank_after for r in records] == [3, 1]  # |-5|, 4, 2.5 kept; 0.4 alone (>= 1)
+    assert model[0].s.tolist() == [-5.0, 4.0, 2.5]
+    assert torch.equal(model[0].U, U0[:, [1, 3, 4]]) and torch.equal(model[0].V, V0[:, [1, 3, 4]])
+    assert model[1].s.tolist() == [0.4]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(energy=0.1, threshold=0.5), "exactly one of energy and threshold"),
+    (dict(), "exactly one of energy and threshold"),
+    (dict(threshold=-1.0), "threshold must be a finite number >= 0"),
+    (dict(threshold=float("inf")), "threshold must be a finite number >= 0"),
+    (dict(threshold=True), "threshold must be a finite number >= 0"),
+    (dict(threshold="0.1"), "threshold must be a finite number >= 0"),
+])
+def test_the_pruning_rule_is_checked(kwargs, match):
+    model = svdkern.decompose(nn.Sequential(nn.Linear(6, 5)))
+    with pytest.raises(ValueError, match=match):
+        svdkern.prune(model, **kwargs)
+    assert model[0].rank == 5

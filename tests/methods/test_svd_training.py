@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import svdkern
 from svdkern import SVDRegularizer, SVDTraining, decompose, svd_layers
 
 
@@ -99,3 +100,33 @@ def test_step_schedule_never_drops_in_a_phase_first_epoch():
     run.cfg = type("Cfg", (), {"lr": 1e-3})()
     assert run.lr_at(10, range(10, 11)) == 1e-3
     assert [run.lr_at(e, range(0, 4)) for e in range(4)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
+
+
+def test_a_step_prune_by_threshold_and_a_resume_after_it():
+    model = svdkern.decompose(nn.Sequential(nn.Linear(6, 5)).double())
+    with torch.no_grad():
+        model[0].s.copy_(torch.tensor([3.0, 0.5, 2.0, 0.1, 1.0], dtype=torch.float64))
+    hook = SVDTraining(model, threshold=1.0, prune_step=3)
+    for step in (1, 2):
+        hook.on_step_end(step)
+    assert model[0].rank == 5 and not hook.finetuning
+    hook.on_step_end(3)
+    assert model[0].rank == 3 and hook.finetuning and hook.regularizer.sparsity is None
+    fresh = SVDTraining(svdkern.decompose(nn.Sequential(nn.Linear(6, 5))), prune_step=3)
+    fresh.resumed_at(step=3, epoch=0.4)  # a checkpoint written after the prune
+    assert fresh.finetuning
+    fresh.on_step_end(4)
+    assert fresh.model[0].rank == 5 and fresh.records == []  # never pruned again
+    early = SVDTraining(svdkern.decompose(nn.Sequential(nn.Linear(6, 5))), prune_epoch=2)
+    early.resumed_at(step=10, epoch=2.0)  # end of epoch 1: the epoch prune is still ahead
+    assert not early.finetuning
+    early.resumed_at(step=11, epoch=2.1)
+    assert early.finetuning
+
+
+def test_step_and_epoch_prunes_exclude_each_other():
+    model = svdkern.decompose(nn.Sequential(nn.Linear(6, 5)))
+    with pytest.raises(ValueError, match="at most one of prune_epoch and prune_step"):
+        SVDTraining(model, prune_epoch=1, prune_step=1)
+    with pytest.raises(ValueError, match="prune_step must be an integer >= 0"):
+        SVDTraining(model, prune_step=1.5)
