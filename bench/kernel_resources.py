@@ -76,10 +76,9 @@ def _patched(module, name: str, value):
         setattr(module, name, original)
 
 
-def compile_launch(kernel, recorder: _Recorder, cfg: triton.Config | None = None, **overrides):
-    """Compile `kernel` (a JITFunction or an autotuner around one) for sm_90 with the
-    recorded launch's arguments, specialized by Triton's binder as a launch would, under
-    `cfg`'s block sizes, warps and stages; `overrides` replace recorded constexprs."""
+def _bind(kernel, recorder: _Recorder, cfg: triton.Config | None, overrides: dict):
+    """Triton's binder on the recorded launch, as a launch binds it: (JITFunction, backend,
+    launch kwargs, bound args, specialization, options)."""
     fn = kernel
     while not isinstance(fn, JITFunction):  # autotuners (and heuristics) wrap the JITFunction
         fn = fn.fn
@@ -89,10 +88,27 @@ def compile_launch(kernel, recorder: _Recorder, cfg: triton.Config | None = None
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*recorder.args, **kwargs)
+    return fn, backend, kwargs, bound, specialization, options
+
+
+def compile_launch(kernel, recorder: _Recorder, cfg: triton.Config | None = None, **overrides):
+    """Compile `kernel` (a JITFunction or an autotuner around one) for sm_90 with the
+    recorded launch's arguments, specialized by Triton's binder as a launch would, under
+    `cfg`'s block sizes, warps and stages; `overrides` replace recorded constexprs."""
+    fn, backend, kwargs, bound, specialization, options = _bind(kernel, recorder, cfg, overrides)
     options, signature, constants, attrs = fn._pack_args(backend, kwargs, bound,
                                                         specialization, options)
     return triton.compile(ASTSource(fn, signature, constants, attrs), target=TARGET,
                           options=options.__dict__)
+
+
+def compile_key(kernel, recorder: _Recorder, cfg: triton.Config | None = None) -> str:
+    """What Triton compiles one binary per (for one config): the recorded launch's argument
+    specialization and constexpr values."""
+    fn, _, kwargs, _, specialization, _ = _bind(kernel, recorder, cfg, {})
+    constexprs = sorted((k, str(v)) for k, v in kwargs.items()
+                        if k in {p.name for p in fn.params if p.is_constexpr})
+    return repr((specialization, constexprs))
 
 
 def usage(kernel) -> dict:
@@ -174,23 +190,24 @@ def _regularizer_operands(dtype: str, aligned: bool):
 
 def compile_gram(dtype: str, cfg: triton.Config, precision: str = "ieee",
                  aligned: bool = False):
-    """The Gram + loss kernel as `orthogonality.gram_loss` launches it."""
+    """The Gram + loss kernel as `orthogonality.gram_loss` launches it at `precision`
+    ("ieee", "tf32", "bf16": the regularizer's setting)."""
     flat, table, shapes, gram_numel = _regularizer_operands(dtype, aligned)
     acc = acc_dtype(DTYPES[dtype])
     with _patched(O, "_gram_loss_tuned", _Recorder()) as rec:
-        O.gram_loss(flat, table, shapes, gram_numel, acc, aligned)
-    return compile_launch(O._gram_loss_tuned, rec, cfg, PRECISION=precision)
+        O.gram_loss(flat, table, shapes, gram_numel, acc, aligned, precision)
+    return compile_launch(O._gram_loss_tuned, rec, cfg)
 
 
 def compile_grad(dtype: str, cfg: triton.Config, precision: str = "ieee",
                  aligned: bool = False):
-    """The gradient kernel as `orthogonality.grad` launches it."""
+    """The gradient kernel as `orthogonality.grad` launches it at `precision`."""
     flat, table, shapes, gram_numel = _regularizer_operands(dtype, aligned)
     acc = acc_dtype(DTYPES[dtype])
     with _patched(O, "_grad_tuned", _Recorder()) as rec:
         O.grad(flat, table, shapes, torch.empty(gram_numel, dtype=acc), torch.ones((), dtype=acc),
-               aligned)
-    return compile_launch(O._grad_tuned, rec, cfg, PRECISION=precision)
+               aligned, precision)
+    return compile_launch(O._grad_tuned, rec, cfg)
 
 
 def compile_sparsity(dtype: str, hoyer: bool):

@@ -46,7 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from svdkern import differentiable, reference
-from svdkern.backend import dot_precision, interpreter_enabled
+from svdkern.backend import interpreter_enabled
 from svdkern.launch import (COMPILE_OPTIONS, acc_dtype, common_operands, reused_across_steps,
                             tuning_choices)
 
@@ -73,6 +73,26 @@ def _matrix_entry(table, g, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _operand(t, ROUND: tl.constexpr):
+    """A dot operand as the requested precision reads it, as `reference.dot_operand` rounds
+    it. "tf32": fp32 rounded to 10 mantissa bits (to nearest, ties away) on every backend:
+    Triton hands fp32 registers to wgmma .tf32 with no cvt.rna (its sm_90 PTX), and the
+    tensor cores then drop the low 13 bits, which would truncate. "bf16": cast (the dot runs
+    on bf16 tensor cores); "bf16 emulated": the interpreter, whose bf16 dot is broken,
+    rounds fp32 values to 7 bits (ties to even) instead."""
+    if ROUND == "bf16":
+        return t.to(tl.bfloat16)
+    elif ROUND == "tf32":
+        bits = t.to(tl.int32, bitcast=True)
+        return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    elif ROUND == "bf16 emulated":
+        bits = t.to(tl.int32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    else:
+        return t
+
+
+@triton.jit
 def _upper_block(local, nb):
     """(row, column) block of the `local`-th pair of the upper triangle, row by row."""
     bi = local * 0
@@ -84,8 +104,8 @@ def _upper_block(local, nb):
 
 @triton.jit
 def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows,
-                      ALIGNED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      ALIGNED: tl.constexpr, PRECISION: tl.constexpr, ROUND: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
     acc_dtype = gram.dtype.element_ty
@@ -109,8 +129,8 @@ def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows,
                             mask=(k[:, None] < rows) & (ci[None, :] < r), other=0.0)
                 b = tl.load(flat + off + k[:, None] * s_row + cj[None, :] * s_col,
                             mask=(k[:, None] < rows) & (cj[None, :] < r), other=0.0)
-                acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION,
-                             out_dtype=acc_dtype)
+                acc = tl.dot(tl.trans(_operand(a, ROUND)), _operand(b, ROUND), acc,
+                             input_precision=PRECISION, out_dtype=acc_dtype)
             inside = (ci[:, None] < r) & (cj[None, :] < r)
             diff = acc - tl.where(ci[:, None] == cj[None, :], 1.0, 0.0).to(acc_dtype)
             diff = tl.where(inside, diff, 0.0)
@@ -126,7 +146,8 @@ def _gram_loss_kernel(flat, table, gram, partials, num_mats, max_rank, max_rows,
 
 @triton.jit
 def _grad_kernel(flat, table, gram, grad_out, grad, num_mats, max_rank, max_rows,
-                 ALIGNED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 ALIGNED: tl.constexpr, PRECISION: tl.constexpr, ROUND: tl.constexpr,
+                 BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
@@ -152,6 +173,7 @@ def _grad_kernel(flat, table, gram, grad_out, grad, num_mats, max_rank, max_rows
                             mask=(rm[:, None] < rows) & (k[None, :] < r), other=0.0)
                 b = tl.load(gram + g_off + k[:, None] * r + rn[None, :],
                             mask=(k[:, None] < r) & (rn[None, :] < r), other=0.0)
+                a = _operand(a, ROUND)
                 if a.dtype == tl.bfloat16:
                     # G - I in bf16, so a bf16 M multiplies on the tensor cores (the sm_90
                     # PTX has wgmma; with an fp32 operand it has fp32 FMAs, datasheet rate
@@ -162,8 +184,8 @@ def _grad_kernel(flat, table, gram, grad_out, grad, num_mats, max_rank, max_rows
                     acc = tl.dot(a, b.to(tl.bfloat16), acc, input_precision=PRECISION,
                                  out_dtype=acc_dtype)
                 else:
-                    acc = tl.dot(a.to(acc_dtype), b, acc, input_precision=PRECISION,
-                                 out_dtype=acc_dtype)
+                    acc = tl.dot(a.to(acc_dtype), _operand(b, ROUND), acc,
+                                 input_precision=PRECISION, out_dtype=acc_dtype)
             scale = 4.0 * upstream / (r * r).to(acc_dtype)
             tl.store(grad + off + rm[:, None] * s_row + rn[None, :] * s_col,
                      (acc * scale).to(grad.dtype.element_ty),
@@ -192,7 +214,8 @@ GRAD_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"),
 _FIXED_GRAM = _configs(("BLOCK_R", "BLOCK_K"), [(32, 32, 4, 1)])
 _FIXED_GRAD = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [(32, 32, 32, 4, 1)])
 
-_TUNING = dict(key=["num_mats", "max_rank", "max_rows", "ALIGNED", "PRECISION"], prune_configs_by={
+_TUNING = dict(key=["num_mats", "max_rank", "max_rows", "ALIGNED", "PRECISION", "ROUND"],
+               prune_configs_by={
     "early_config_prune": lambda configs, named_args, **kwargs: tuning_choices(configs)})
 _gram_loss_tuned = triton.autotune(_FIXED_GRAM if _INTERPRET else GRAM_CONFIGS,
                                    reset_to_zero=["partials"], **_TUNING)(_gram_loss_kernel)
@@ -217,32 +240,44 @@ def _max_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _dot_settings(precision: str) -> tuple[str, str]:
+    """(`tl.dot` input precision, operand rounding `_operand` applies) of a resolved
+    precision (`reference.orthogonality_precision`): TF32 and bf16 on the GPU's tensor
+    cores, IEEE dots on rounded operands under the interpreter, which has neither."""
+    if precision == "ieee":
+        return "ieee", "none"
+    if precision == "tf32":
+        return ("ieee" if _INTERPRET else "tf32"), "tf32"
+    return "ieee", ("bf16 emulated" if _INTERPRET else "bf16")
+
+
 def gram_loss(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, int], ...],
-              gram_numel: int, acc_dtype: torch.dtype,
-              aligned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              gram_numel: int, acc_dtype: torch.dtype, aligned: bool,
+              precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
     """Launch 1: (loss scalar, flat `G - I` of every matrix), both in `acc_dtype`.
-    `aligned`: every matrix row-major, every rank a multiple of 8
-    (`aligned_layout`)."""
+    `aligned`: every matrix row-major, every rank a multiple of 8 (`aligned_layout`);
+    `precision`: of the Gram's dots (`_dot_settings`)."""
     gram = torch.empty(gram_numel, dtype=acc_dtype, device=flat.device)
     cap = _max_programs(flat.device)
     partials = torch.zeros(cap, dtype=acc_dtype, device=flat.device)
     grid = lambda meta: _grid(shapes, meta["BLOCK_R"], 0, True, cap)  # noqa: E731
+    dot, rounding = _dot_settings(precision)
     _gram_loss_tuned[grid](flat, table, gram, partials, len(shapes), *_tune_keys(shapes),
-                           ALIGNED=aligned, PRECISION=dot_precision(flat.dtype, flat.device),
-                           **COMPILE_OPTIONS)
+                           ALIGNED=aligned, PRECISION=dot, ROUND=rounding, **COMPILE_OPTIONS)
     return partials.sum(), gram
 
 
 def grad(flat: torch.Tensor, table: torch.Tensor, shapes: tuple[tuple[int, int], ...],
-         gram: torch.Tensor, grad_out: torch.Tensor, aligned: bool) -> torch.Tensor:
+         gram: torch.Tensor, grad_out: torch.Tensor, aligned: bool,
+         precision: str = "ieee") -> torch.Tensor:
     """Launch 2: `4 M (G - I) / r^2 * grad_out` for every matrix, laid out like `flat`."""
     out = torch.empty_like(flat)
     cap = _max_programs(flat.device)
     upstream = grad_out.reshape(1).to(gram.dtype)
     grid = lambda meta: _grid(shapes, meta["BLOCK_M"], meta["BLOCK_N"], False, cap)  # noqa: E731
+    dot, rounding = _dot_settings(precision)
     _grad_tuned[grid](flat, table, gram, upstream, out, len(shapes), *_tune_keys(shapes),
-                      ALIGNED=aligned, PRECISION=dot_precision(flat.dtype, flat.device),
-                      **COMPILE_OPTIONS)
+                      ALIGNED=aligned, PRECISION=dot, ROUND=rounding, **COMPILE_OPTIONS)
     return out
 
 
@@ -284,45 +319,47 @@ def pack_matrices(mats: Sequence[Tensor]) -> tuple[Tensor, MatrixKey]:
 
 @torch.library.custom_op("svdkern::orthogonality_loss", mutates_args=())
 def _orthogonality(flat: Tensor, table: Tensor, shapes: list[int], gram_numel: int,
-                   aligned: bool) -> tuple[Tensor, Tensor]:
+                   aligned: bool, precision: str) -> tuple[Tensor, Tensor]:
     """(sum ||M^T M - I||_F^2 / r^2, flat G - I of every matrix) in one launch.
     `shapes` is (rows, r) per matrix, flattened: the host sizes the grid from it;
-    `aligned`: see `aligned_layout`."""
-    return gram_loss(flat, table, _pairs(shapes), gram_numel, acc_dtype(flat.dtype), aligned)
+    `aligned`: see `aligned_layout`; `precision`: resolved ("ieee", "tf32", "bf16")."""
+    return gram_loss(flat, table, _pairs(shapes), gram_numel, acc_dtype(flat.dtype), aligned,
+                     precision)
 
 
 @_orthogonality.register_fake
-def _(flat, table, shapes, gram_numel, aligned):
+def _(flat, table, shapes, gram_numel, aligned, precision):
     acc = acc_dtype(flat.dtype)
     return flat.new_empty((), dtype=acc), flat.new_empty(gram_numel, dtype=acc)
 
 
 @torch.library.custom_op("svdkern::orthogonality_grad", mutates_args=())
 def _orthogonality_grad(flat: Tensor, table: Tensor, shapes: list[int], gram: Tensor,
-                        grad_out: Tensor, aligned: bool) -> Tensor:
+                        grad_out: Tensor, aligned: bool, precision: str) -> Tensor:
     """`4 M (G - I) / r^2 * grad_out` for every matrix, laid out like `flat`, in one launch."""
-    return grad(flat, table, _pairs(shapes), gram, grad_out, aligned)
+    return grad(flat, table, _pairs(shapes), gram, grad_out, aligned, precision)
 
 
 @_orthogonality_grad.register_fake
-def _(flat, table, shapes, gram, grad_out, aligned):
+def _(flat, table, shapes, gram, grad_out, aligned, precision):
     return torch.empty_like(flat)
 
 
 def _orthogonality_setup(ctx, inputs, output) -> None:
-    flat, table, shapes, _, aligned = inputs
+    flat, table, shapes, _, aligned, precision = inputs
     ctx.save_for_backward(flat, table, output[1])
-    ctx.shapes, ctx.aligned = shapes, aligned
+    ctx.shapes, ctx.aligned, ctx.precision = shapes, aligned, precision
 
 
 def _orthogonality_backward(ctx, grad_loss: Tensor, _grad_gram: Tensor):
     flat, table, gram = ctx.saved_tensors
     if differentiable.building_graph():
         return differentiable.reference_grads(
-            lambda f: reference.orthogonality_loss(unpack_matrices(f, table)), (flat,),
-            (True,), grad_loss) + (None,) * 4
-    grad = _orthogonality_grad(flat, table, ctx.shapes, gram, grad_loss, ctx.aligned)
-    return grad, None, None, None, None
+            lambda f: reference.orthogonality_loss(unpack_matrices(f, table), ctx.precision),
+            (flat,), (True,), grad_loss) + (None,) * 5
+    grad = _orthogonality_grad(flat, table, ctx.shapes, gram, grad_loss, ctx.aligned,
+                               ctx.precision)
+    return grad, None, None, None, None, None
 
 
 def unpack_matrices(flat: Tensor, table: Tensor) -> list[Tensor]:
@@ -345,10 +382,12 @@ def aligned_layout(key: MatrixKey) -> bool:
     return all(not col_major and r % 8 == 0 for _, r, col_major in key)
 
 
-def orthogonality_loss(mats: Sequence[Tensor]) -> Tensor:
+def orthogonality_loss(mats: Sequence[Tensor], precision: str | None = None) -> Tensor:
     """`sum ||M^T M - I||_F^2 / r^2` over 2-D matrices of any shapes: two Triton launches
-    (loss forward, gradient backward) for the whole list."""
+    (loss forward, gradient backward) for the whole list; `precision` as
+    `svdkern.ops.orthogonality_loss` takes it."""
     flat, key = pack_matrices(mats)
     table, gram_numel = matrix_table(key, flat.device)
     shapes = [n for rows, r, _ in key for n in (rows, r)]
-    return _orthogonality(flat, table, shapes, gram_numel, aligned_layout(key))[0]
+    resolved = reference.orthogonality_precision(precision, flat.dtype, flat.device)
+    return _orthogonality(flat, table, shapes, gram_numel, aligned_layout(key), resolved)[0]

@@ -138,7 +138,7 @@ def _rows_times_v(x_ptr, v_ptr, rows, row_ok, ranks, rank_ok, N_IN, stride_xb, s
                       "PRECISION"],
                  prune_configs_by={"early_config_prune": _keep_in_registers(
                      lambda c, kw: c.kwargs["BLOCK_B"], 1)})
-@triton.jit
+@triton.jit(do_not_specialize=["R"])  # R_PAD and ALIGNED_FACTORS carry what a rank changes
 def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
                 B, N_IN, N_OUT, R, B_BUCKET,
                 stride_xb, stride_xk, stride_um, stride_ur, stride_vn, stride_vr,
@@ -179,7 +179,7 @@ def _fwd_kernel(x_ptr, u_ptr, s_ptr, v_ptr, b_ptr, y_ptr,
                       "PRECISION"],
                  prune_configs_by={"early_config_prune": _keep_in_registers(
                      lambda c, kw: kw["BLOCK_B"], 2)})
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _bwd_rows_kernel(x_ptr, dy_ptr, u_ptr, s_ptr, v_ptr,
                      dx_ptr, hs_ptr, gs_ptr, ds_part_ptr, db_part_ptr,
                      B, N_IN, N_OUT, R,

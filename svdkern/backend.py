@@ -111,8 +111,10 @@ def tf32_allowed() -> bool:
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """`tl.dot` input precision of every kernel: TF32 for fp32 on a GPU exactly where
-    `tf32_allowed()`, IEEE otherwise and always under the interpreter (which has no TF32)."""
+    """`tl.dot` input precision of the layer kernels: TF32 for fp32 on a GPU exactly where
+    `tf32_allowed()` (as `nn.Linear` then runs), IEEE otherwise and always under the
+    interpreter (which has no TF32). The regularizer has its own setting
+    (`SVDRegularizer(precision=...)`, `reference.orthogonality_precision`)."""
     tf32 = (device.type == "cuda" and dtype == torch.float32 and not interpreter_enabled()
             and tf32_allowed())
     return "tf32" if tf32 else "ieee"

@@ -93,23 +93,35 @@ def factorization_pays(rows: int, cols: int, r: int) -> bool:
     return r * (rows + cols) < rows * cols
 
 
+# What settled a path choice (`cheaper`), and the words `explain()` gives for it.
+BY_SIZES, BY_LARGE_BATCH, BY_DEFAULT = "sizes", "large-batch limit", "default"
+_FEWER = {BY_SIZES: "costs fewer FLOPs",
+          BY_LARGE_BATCH: "costs fewer FLOPs at large batch (symbolic sizes)",
+          BY_DEFAULT: "runs: the FLOP counts are symbolic even per batch row, so nothing "
+                      "settles the comparison and the chain (no m x n buffer) is the default"}
+
+
 def cheaper(chain: int, materialized: int,
-            per_row: Callable[[], tuple[int, int]]) -> tuple[str, bool]:
-    """("materialized" when it costs strictly fewer FLOPs, else "chain", which needs no
-    m x n buffer; whether the sizes settled it). With symbolic sizes (torch.export, dynamic
+            per_row: Callable[[], tuple[int, int]]) -> tuple[str, str]:
+    """(path, what settled it): "materialized" when it costs strictly fewer FLOPs, else
+    "chain", which needs no m x n buffer. With symbolic sizes (torch.export, dynamic
     torch.compile) comparing would guard on the batch (export refuses it, compile
-    recompiles at the crossover): unless the sizes' ranges settle it, the large-batch limit
-    decides, the (chain, materialized) FLOPs each batch row adds (`per_row()`), and the chain
-    where even that is symbolic."""
+    recompiles at the crossover): unless the sizes' ranges settle it (`BY_SIZES`), the
+    large-batch limit decides, the (chain, materialized) FLOPs each batch row adds
+    (`per_row()`, `BY_LARGE_BATCH`), and the chain where even that is symbolic
+    (`BY_DEFAULT`)."""
     if not torch.compiler.is_compiling() and isinstance(chain, int) and isinstance(materialized, int):
-        return ("materialized" if materialized < chain else "chain"), True
+        return ("materialized" if materialized < chain else "chain"), BY_SIZES
     from torch.fx.experimental.symbolic_shapes import statically_known_true  # loads sympy
     for path, settled in (("materialized", materialized < chain), ("chain", chain <= materialized)):
         if statically_known_true(settled):
-            return path, True
+            return path, BY_SIZES
     chain_row, materialized_row = per_row()
-    return ("materialized" if statically_known_true(materialized_row < chain_row)
-            else "chain"), False
+    if statically_known_true(materialized_row < chain_row):
+        return "materialized", BY_LARGE_BATCH
+    if statically_known_true(chain_row <= materialized_row):
+        return "chain", BY_LARGE_BATCH
+    return "chain", BY_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -138,9 +150,9 @@ def linear_plan(x: Tensor, U: Tensor, V: Tensor) -> Plan:
     fused_ok = fits(r, x.dtype)
     if requested == "triton" and engine == "triton" and fused_ok:
         return Plan("fused", "SVDKERN_BACKEND=triton", chain, mat)
-    path, settled = cheaper(chain, mat, lambda: _per_row(
+    path, basis = cheaper(chain, mat, lambda: _per_row(
         lambda rows: linear_flops(rows, n, m, r)))
-    fewer = "costs fewer FLOPs" if settled else "costs fewer FLOPs at large batch (symbolic sizes)"
+    fewer = _FEWER[basis]
     if path == "materialized":
         return Plan("materialized", f"dense GEMM on W = (U*s) V^T {fewer}", chain, mat)
     if engine == "triton" and fused_ok:
@@ -164,11 +176,10 @@ def conv_plan(x: Tensor, U: Tensor, spec: ConvSpec) -> Plan:
     chain, mat = conv_flops(tuple(x.shape), spec, U.shape[-1])
     if backend.requested() == "reference":
         return Plan("chain", "SVDKERN_BACKEND=reference", chain, mat)
-    path, settled = cheaper(chain, mat, lambda: _per_row(
+    path, basis = cheaper(chain, mat, lambda: _per_row(
         lambda images: conv_flops((images, *x.shape[-3:]), spec, U.shape[-1])))
     how = "one dense conv on the built weight" if path == "materialized" else "two thin convs"
-    at = "" if settled else " at large batch (symbolic sizes)"
-    return Plan(path, f"fewer FLOPs as {how}{at}", chain, mat)
+    return Plan(path, f"{how}: {_FEWER[basis]}", chain, mat)
 
 
 def explain(x: Tensor, U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec | None = None) -> Plan:

@@ -7,8 +7,10 @@ these ops work without Triton installed.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -47,10 +49,24 @@ def svd_conv2d(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
     return CONV_PATHS[dispatch.conv_plan(x, U, spec).path](x, U, s, V, bias, spec)
 
 
-def orthogonality_loss(mats: Sequence[Tensor]) -> Tensor:
+def orthogonality_loss(mats: Sequence[Tensor], precision: str | None = None) -> Tensor:
     """`sum ||M^T M - I||_F^2 / r^2` over the given 2-D matrices (one grouped Triton
-    launch forward and one backward on the triton backend)."""
-    return _regularizer("orthogonality_loss", mats)
+    launch forward and one backward on the triton backend).
+
+    `precision` of the Gram's dots for fp32 factors: "ieee" (exact fp32), "tf32" or "bf16"
+    (inputs rounded, fp32 accumulation), or None: TF32 on a GPU (tensor cores), IEEE
+    elsewhere. Every backend computes the same rounding (on CPU, TF32 and bf16 are
+    emulated); fp64 factors stay exact, bf16/fp16 ones multiply in their own dtype."""
+    reference.check_precision("orthogonality_loss", precision)
+    mats = list(mats)
+    if len(mats) > 0 and backend.resolve(mats[0].device) == "triton":
+        from .kernels import orthogonality
+        return orthogonality.orthogonality_loss(mats, precision)
+    if not mats:
+        return reference.orthogonality_loss(mats)  # reports the empty list
+    dtype = functools.reduce(torch.promote_types, (M.dtype for M in mats))
+    return reference.orthogonality_loss(
+        mats, reference.orthogonality_precision(precision, dtype, mats[0].device))
 
 
 def l1_loss(svals: Sequence[Tensor]) -> Tensor:
@@ -66,11 +82,10 @@ def hoyer_loss(svals: Sequence[Tensor]) -> Tensor:
 
 
 def _regularizer(name: str, tensors: Sequence[Tensor]) -> Tensor:
-    """Run regularizer `name` on its Triton kernel where the backend says so, else on the
-    reference (which also reports an empty list)."""
+    """Run sparsity regularizer `name` on its Triton kernel where the backend says so, else
+    on the reference (which also reports an empty list)."""
     tensors = list(tensors)
     if len(tensors) > 0 and backend.resolve(tensors[0].device) == "triton":
-        from .kernels import orthogonality, sparsity
-        module = orthogonality if name == "orthogonality_loss" else sparsity
-        return getattr(module, name)(tensors)
+        from .kernels import sparsity
+        return getattr(sparsity, name)(tensors)
     return getattr(reference, name)(tensors)

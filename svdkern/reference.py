@@ -18,10 +18,11 @@ SCHEMES = ("channel", "spatial")
 
 # ----------------------------------------------------------------------------- linear
 def svd_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`y = x V diag(s) U^T + b` as the factorized chain (two GEMMs and a scale). The bias
-    is added in `y`'s dtype, so under autocast the output dtype is `F.linear`'s."""
-    y = ((x @ V) * s) @ U.transpose(-1, -2)
-    return y if bias is None else y + bias.to(y.dtype)
+    """`y = x V diag(s) U^T + b` as the factorized chain: `x V`, the scale, then one
+    `F.linear` whose GEMM adds the bias in its epilogue (and whose backward reduces `db` in
+    one pass), as `nn.Linear` does; under autocast the output dtype is `F.linear`'s."""
+    h = (x @ V) * s
+    return F.linear(h, U, None if bias is None else bias.to(h.dtype))
 
 
 def materialize(U: Tensor, s: Tensor, V: Tensor) -> Tensor:
@@ -142,11 +143,52 @@ def svd_conv2d_materialized(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Te
 
 
 # ----------------------------------------------------------------------------- regularizers
-def orthogonality_loss(mats: Sequence[Tensor]) -> Tensor:
-    """`sum_M ||M^T M - I||_F^2 / r^2` over 2-D matrices M (m x r)."""
+PRECISIONS = ("ieee", "tf32", "bf16")
+
+
+def check_precision(who: str, precision) -> None:
+    """A ValueError naming `who` unless `precision` is None (the device's default) or one
+    of `PRECISIONS`."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"{who}: precision must be None or one of {PRECISIONS}, "
+                         f"got {precision!r}")
+
+
+def orthogonality_precision(precision: str | None, dtype: torch.dtype, device: torch.device) -> str:
+    """The precision the orthogonality dots of fp32 factors run in: as asked, or by default
+    TF32 on a GPU (tensor cores, fp32 accumulation) and IEEE elsewhere. Factors of other
+    dtypes always give "ieee": fp64 stays exact, and bf16/fp16 factors already multiply in
+    their own dtype (with fp32 accumulation)."""
+    if dtype != torch.float32:
+        return "ieee"
+    if precision is None:
+        return "tf32" if device.type == "cuda" else "ieee"
+    return precision
+
+
+def dot_operand(M: Tensor, precision: str) -> Tensor:
+    """`M` as a dot of `precision` reads it: IEEE as is; TF32 rounded to 10 mantissa bits
+    (to nearest, ties away from zero, as cvt.rna.tf32 does: the kernels round so, then the
+    tensor cores' dropping of the low bits changes nothing); bf16 to 7 (ties to even).
+    The rounding is straight-through for autograd (the gradient is the rounded dot's), and
+    applies to values as fp32 holds them (an fp64 copy of fp32 data rounds the same)."""
+    if precision == "ieee":
+        return M
+    v = M.detach().float()
+    if precision == "bf16":
+        rounded = v.to(torch.bfloat16).float()
+    else:
+        rounded = ((v.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+    return M + (rounded.to(M.dtype) - M.detach())
+
+
+def orthogonality_loss(mats: Sequence[Tensor], precision: str = "ieee") -> Tensor:
+    """`sum_M ||M^T M - I||_F^2 / r^2` over 2-D matrices M (m x r), with the Gram's inputs
+    read at `precision` (`dot_operand`) and accumulated in M's dtype (fp32 at least)."""
     total = None
     for M in mats:
         M = M.float() if M.dtype in (torch.float16, torch.bfloat16) else M
+        M = dot_operand(M, precision)
         r = M.shape[-1]
         gram = M.transpose(-1, -2) @ M
         eye = torch.eye(r, dtype=M.dtype, device=M.device)
@@ -253,6 +295,47 @@ def kept_rank(s: Tensor, energy: float | None, rank_multiple: int = 1,
              else (lambda group: energy_keep_count(group, energy)))
     k = max(count(group) for group in s)
     return min(s.shape[-1], -(-k // rank_multiple) * rank_multiple)
+
+
+def marchenko_pastur_quantiles(p: int, c: float, points: int = 4097) -> Tensor:
+    """The `p` eigenvalues of `W W^T / (q sigma^2)` at the mid quantiles (i + 1/2) / p,
+    descending, for a p x q matrix (p <= q, c = p / q) of iid entries of variance sigma^2:
+    the Marchenko-Pastur law on [(1 - sqrt c)^2, (1 + sqrt c)^2], float64. Its CDF is
+    integrated on a cosine grid (the density has square-root edges, and 1/sqrt at 0 when
+    c = 1), then inverted by interpolation."""
+    lo, hi = (1 - math.sqrt(c)) ** 2, (1 + math.sqrt(c)) ** 2
+    t = torch.linspace(0, 1, points, dtype=torch.float64)
+    lam = lo + (hi - lo) * (1 - torch.cos(math.pi * t)) / 2
+    # density * d(lambda)/dt, with sqrt((hi - lam)(lam - lo)) = (hi - lo) sin(pi t) / 2
+    dens = (hi - lo) ** 2 * torch.sin(math.pi * t) ** 2 / (8 * c * lam.clamp_min(1e-300))
+    dens[0] = 2 / c if lo == 0 else 0.0  # the limit at t = 0 (finite for c = 1)
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64),
+                     torch.cumsum((dens[1:] + dens[:-1]) / 2 * (t[1] - t[0]), 0)])
+    cdf = cdf / cdf[-1]
+    levels = (torch.arange(p, 0, -1, dtype=torch.float64) - 0.5) / p
+    index = torch.searchsorted(cdf, levels).clamp(1, points - 1)
+    c0, c1 = cdf[index - 1], cdf[index]
+    w = (levels - c0) / (c1 - c0).clamp_min(1e-300)
+    return lam[index - 1] + w * (lam[index] - lam[index - 1])
+
+
+def default_init_factors(groups: int, rows: int, cols: int, fan_in: int, rank: int,
+                         device=None, dtype=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Factors (g, rows, r), (g, r), (g, cols, r) distributed as the SVD of PyTorch's default
+    weight init (`kaiming_uniform_(a=sqrt(5))`: iid U(-b, b), b = 1/sqrt(fan_in)) with no SVD
+    taken: orthonormal `U`, `V` from QR of Gaussians (Haar-distributed, as the singular
+    vectors of an iid matrix are) and `s` at the Marchenko-Pastur quantiles of that
+    matrix's spectrum (the largest `rank`)."""
+    factory = dict(device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
+    p, q = min(rows, cols), max(rows, cols)
+    if p == 0 or fan_in == 0:
+        return (torch.zeros(groups, rows, rank, **factory), torch.zeros(groups, rank, **factory),
+                torch.zeros(groups, cols, rank, **factory))
+    sigma2 = 1.0 / (3.0 * fan_in)
+    s = (sigma2 * q * marchenko_pastur_quantiles(p, p / q)[:rank]).sqrt()
+    U = torch.linalg.qr(torch.randn(groups, rows, rank, **factory)).Q
+    V = torch.linalg.qr(torch.randn(groups, cols, rank, **factory)).Q
+    return U, s.to(**factory).expand(groups, rank).contiguous(), V
 
 
 def svd_factors(mat: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -314,3 +314,18 @@ def test_kernel_launches_raise_no_triton_warning():
     on Triton >= 3.9, which warns about an implicit FP-fusion default)."""
     done = run_without_interpreter(NO_TRITON_WARNINGS)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+def test_symbolic_sizes_say_what_settled_the_path():
+    """Three outcomes with symbolic sizes: the sizes' ranges settle it, the large-batch
+    limit does, or nothing does and the chain is the default (explain says which)."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    env = ShapeEnv()
+    batch, other = env.create_unbacked_symint(), env.create_unbacked_symint()
+    assert dispatch.cheaper(2 * batch * 10, 500 + 2 * batch * 3, lambda: (20, 6)) == (
+        "materialized", dispatch.BY_LARGE_BATCH)
+    assert dispatch.cheaper(2 * batch * 3, 500 + 2 * batch * 10, lambda: (6, 20)) == (
+        "chain", dispatch.BY_LARGE_BATCH)
+    assert dispatch.cheaper(batch, other, lambda: (batch, other)) == ("chain", dispatch.BY_DEFAULT)
+    assert "at large batch" not in dispatch._FEWER[dispatch.BY_DEFAULT]
+    assert "default" in dispatch._FEWER[dispatch.BY_DEFAULT]

@@ -8,6 +8,8 @@ Parameter objects, so optimizers and hooks stay attached.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Iterator
 
 import torch
@@ -31,39 +33,73 @@ class SVDLayer(nn.Module):
 
     layer_name: str
 
-    def _init_factors(self, matrix: Tensor, bias: Tensor | None, rank: int | None,
-                      trainable: bool = True) -> None:
-        """Factors from the per-group weight matrices `matrix` (g, rows, cols); `trainable`:
-        the dense weight's `requires_grad` (a frozen layer stays frozen)."""
-        rows, cols = matrix.shape[-2:]
-        if rank is not None and not (isinstance(rank, int) and 1 <= rank <= min(rows, cols)):
+    def _check_rank(self, rank: int | None, rows: int, cols: int) -> int:
+        """`rank` (None: full), or a ValueError naming the layer when it is out of range."""
+        if rank is None:
+            return min(rows, cols)
+        if not (isinstance(rank, int) and 1 <= rank <= min(rows, cols)):
             raise ValueError(f"{self.layer_name}: rank {rank!r} out of range "
                              f"[1, {min(rows, cols)}] for a {rows}x{cols} weight matrix")
-        require_finite(self.layer_name, "weight", matrix)
-        U, s, V = reference.svd_factors(matrix, rank)
+        return rank
+
+    def _set_parameters(self, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
+                        trainable: bool, bias_trainable: bool) -> None:
         # contiguous: V comes out of the SVD transposed; FSDP and kernels need dense storage
         self.U = nn.Parameter(self._from_grouped(U).contiguous(), trainable)
         self.s = nn.Parameter(self._from_grouped(s).contiguous(), trainable)
         self.V = nn.Parameter(self._from_grouped(V).contiguous(), trainable)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
-                                                           bias.requires_grad)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), bias_trainable)
 
-    def _reset_from(self, matrix: Tensor, bias: Tensor | None) -> None:
-        """Overwrite the factors in place (same storage, for `to_empty()` then
-        `reset_parameters()`) with the SVD of `matrix` (g, rows, cols) at the current rank."""
-        factors = reference.svd_factors(matrix, self.rank)
+    def _init_factors(self, matrix: Tensor, bias: Tensor | None, rank: int | None,
+                      trainable: bool = True) -> None:
+        """Factors from the per-group weight matrices `matrix` (g, rows, cols) by their SVD
+        (exact at full rank); `trainable`: the dense weight's `requires_grad` (a frozen layer
+        stays frozen)."""
+        rank = self._check_rank(rank, *matrix.shape[-2:])
+        require_finite(self.layer_name, "weight", matrix)
+        U, s, V = reference.svd_factors(matrix, rank)
+        self._set_parameters(U, s, V, bias, trainable,
+                             bias is not None and bias.requires_grad)
+
+    def _init_default(self, groups: int, rows: int, cols: int, fan_in: int, rank: int | None,
+                      bias_size: int | None, device, dtype) -> None:
+        """Factors distributed as the SVD of PyTorch's default init of the dense layer, with
+        no SVD taken (`reference.default_init_factors`), and the dense layer's default bias
+        U(-1/sqrt(fan_in), 1/sqrt(fan_in)) of `bias_size` entries (None: no bias)."""
+        rank = self._check_rank(rank, rows, cols)
+        U, s, V = reference.default_init_factors(groups, rows, cols, fan_in, rank, device, dtype)
+        b = None
+        if bias_size is not None:
+            b = torch.empty(bias_size, device=device, dtype=U.dtype)
+            bound = 1 / fan_in ** 0.5 if fan_in > 0 else 0.0
+            nn.init.uniform_(b, -bound, bound)
+        self._set_parameters(U, s, V, b, True, True)
+
+    def _reset_default(self, fan_in: int) -> None:
+        """Overwrite the factors and bias in place (same storage, for `to_empty()` then
+        `reset_parameters()`) with a fresh default init at the current rank."""
+        g = self.num_groups
+        (rows, cols), r = self.matrix_shape, self.rank
+        factors = reference.default_init_factors(g, rows, cols, fan_in, r, self.U.device,
+                                                 self.U.dtype)
         with torch.no_grad():
             for param, value in zip((self.U, self.s, self.V), factors):
                 param.copy_(self._from_grouped(value))
             if self.bias is not None:
-                self.bias.copy_(bias)
+                bound = 1 / fan_in ** 0.5 if fan_in > 0 else 0.0
+                nn.init.uniform_(self.bias, -bound, bound)
 
     @property
     def weight(self) -> Tensor:
         """The dense weight (shaped like the dense layer's, from the subclass's
-        `_dense_weight`), differentiable, recomputed on every read, for code that inspects
-        `weight`."""
-        return self._dense_weight()
+        `_dense_weight`), differentiable, for code that inspects `weight`: recomputed on
+        every read, or once per block of `svdkern.cached()`."""
+        store = getattr(_weight_cache, "store", None)
+        if store is None:
+            return self._dense_weight()
+        if self not in store:
+            store[self] = self._dense_weight()
+        return store[self]
 
     @weight.setter
     def weight(self, value) -> None:
@@ -199,6 +235,25 @@ class SVDLayer(nn.Module):
         return (r >= 1 and U.shape[:-1] == self.U.shape[:-1] and V.shape[:-1] == self.V.shape[:-1]
                 and s.shape[:-1] == self.s.shape[:-1] and U.shape[-1] == r == V.shape[-1]
                 and r <= min(rows, cols))
+
+
+_weight_cache = threading.local()  # .store: layer -> weight inside this thread's cached()
+
+
+@contextlib.contextmanager
+def cached() -> Iterator[None]:
+    """Within the block, each SVD layer's `weight` is built once and then reused, as
+    `torch.nn.utils.parametrize.cached()` does for parametrized weights: for code that
+    reads `weight` repeatedly (the result is differentiable; factors changed inside the
+    block are not seen until it ends). Blocks nest; the cache is per thread."""
+    outer = getattr(_weight_cache, "store", None)
+    if outer is None:
+        _weight_cache.store = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _weight_cache.store = None
 
 
 def svd_layers(model: nn.Module) -> list[tuple[str, SVDLayer]]:

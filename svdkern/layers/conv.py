@@ -16,7 +16,9 @@ class SVDConv2d(SVDLayer):
     `scheme="channel"`: each group's weight is the (n/g) x (c/g*kh*kw) matrix and the layer
     runs as a kh x kw conv of g*r filters then a 1x1 conv. `scheme="spatial"`: the
     (n/g*kw) x (c/g*kh) matrix, run as a kh x 1 conv then a 1 x kw conv. Grouped and
-    depthwise convs keep one matrix per group, all at the same rank.
+    depthwise convs keep one matrix per group, all at the same rank. Built from scratch, the
+    factors are distributed as the SVD of `nn.Conv2d`'s default initialization (as for
+    `SVDLinear`), with no SVD taken.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -27,12 +29,17 @@ class SVDConv2d(SVDLayer):
         self.layer_name = name
         if scheme not in SCHEMES:
             raise ValueError(f"{name}: unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        # from scratch, nn.Conv2d on the meta device checks the arguments and allocates nothing
         dense = _dense if _dense is not None else nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            padding_mode, device=device, dtype=dtype)
+            padding_mode, device="meta")
         self.spec = conv_spec(dense, scheme, name)
-        matrix = reference.conv_weight_to_matrix(dense.weight.detach(), self.spec)
-        self._init_factors(matrix, dense.bias, rank, dense.weight.requires_grad)
+        if _dense is not None:
+            matrix = reference.conv_weight_to_matrix(dense.weight.detach(), self.spec)
+            self._init_factors(matrix, dense.bias, rank, dense.weight.requires_grad)
+        else:
+            self._init_default(dense.groups, *self.spec.matrix_shape, self._fan_in(), rank,
+                               out_channels if bias else None, device, dtype)
 
     @classmethod
     def from_dense(cls, layer: nn.Conv2d, scheme: str = "channel", rank: int | None = None,
@@ -57,11 +64,12 @@ class SVDConv2d(SVDLayer):
     def reset_parameters(self) -> None:
         """Factors of a freshly initialized `nn.Conv2d` at the current rank, as built from
         scratch (meta-device construction, then `to_empty()` and this)."""
+        self._reset_default(self._fan_in())
+
+    def _fan_in(self) -> int:
+        """Inputs of one output (nn.Conv2d's init scales by it): c/g * kh * kw."""
         sp = self.spec
-        dense = nn.Conv2d(sp.in_channels, sp.out_channels, sp.kernel_size, sp.stride,
-                          sp.padding, sp.dilation, sp.groups, self.bias is not None,
-                          sp.padding_mode, device=self.U.device, dtype=self.U.dtype)
-        self._reset_from(reference.conv_weight_to_matrix(dense.weight.detach(), sp), dense.bias)
+        return sp.in_channels // sp.groups * sp.kernel_size[0] * sp.kernel_size[1]
 
     def _dense_weight(self) -> Tensor:
         return reference.conv_weight(self.U, self.s, self.V, self.spec)  # (out, in/g, kh, kw)

@@ -11,8 +11,9 @@ from .base import SVDLayer
 class SVDLinear(SVDLayer):
     """Linear layer `y = x V diag(s) U^T + b` with `U` (out, r), `s` (r,), `V` (in, r).
 
-    Built from scratch it takes the SVD of `nn.Linear`'s default initialization, so `U`, `V`
-    start orthonormal and `s` follows that initialization's spectrum.
+    Built from scratch its factors are distributed as the SVD of `nn.Linear`'s default
+    initialization, with no SVD taken: `U`, `V` orthonormal (QR of Gaussians), `s` at the
+    Marchenko-Pastur quantiles of that initialization's spectrum, the bias as nn.Linear's.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -22,10 +23,12 @@ class SVDLinear(SVDLayer):
         self.layer_name = name
         self.in_features = in_features
         self.out_features = out_features
-        dense = _dense if _dense is not None else nn.Linear(
-            in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_factors(dense.weight.detach().unsqueeze(0), dense.bias, rank,  # g = 1
-                           dense.weight.requires_grad)
+        if _dense is not None:
+            self._init_factors(_dense.weight.detach().unsqueeze(0), _dense.bias, rank,  # g = 1
+                               _dense.weight.requires_grad)
+        else:
+            self._init_default(1, out_features, in_features, in_features, rank,
+                               out_features if bias else None, device, dtype)
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, rank: int | None = None,
@@ -45,9 +48,7 @@ class SVDLinear(SVDLayer):
     def reset_parameters(self) -> None:
         """Factors of a freshly initialized `nn.Linear` at the current rank, as built from
         scratch (meta-device construction, then `to_empty()` and this)."""
-        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                          device=self.U.device, dtype=self.U.dtype)
-        self._reset_from(dense.weight.detach().unsqueeze(0), dense.bias)
+        self._reset_default(self.in_features)
 
     def _dense_weight(self) -> Tensor:
         return reference.materialize(self.U, self.s, self.V)  # (out, in)

@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import ops
 from ..compress.pruning import PruneRecord, prune
 from ..layers import svd_layers
-from ..reference import check_energy, check_prune_rule, check_rank_multiple
+from ..reference import check_energy, check_precision, check_prune_rule, check_rank_multiple
 
 SPARSITY = {"hoyer": ops.hoyer_loss, "l1": ops.l1_loss, None: None}
 
@@ -29,11 +29,16 @@ class SVDRegularizer:
 
     Layers are looked up at each call, so the regularizer follows pruning. `sparsity` may be
     set to None later (fine-tuning) but a regularizer that adds nothing is an error.
+    `precision` of the orthogonality term's dots for fp32 factors ("ieee", "tf32", "bf16";
+    None: TF32 on a GPU, IEEE elsewhere), as `svdkern.ops.orthogonality_loss` takes it
+    (docs/SPEC.md section 4 bounds each mode's error).
     """
 
     def __init__(self, model: nn.Module, ortho: float = 1.0, sparsity: str | None = "hoyer",
-                 strength: float = 1e-3) -> None:
+                 strength: float = 1e-3, precision: str | None = None) -> None:
         self.check_settings(ortho, sparsity, strength)
+        check_precision("SVDRegularizer", precision)
+        self.precision = precision
         if not svd_layers(model):
             raise ValueError("SVDRegularizer: the model has no SVD layers (call svdkern.decompose "
                              "first); the regularizer would add nothing")
@@ -67,7 +72,7 @@ class SVDRegularizer:
         layers = svd_layers(self.model)
         with _without_autocast(layers):
             return ops.orthogonality_loss([M for _, layer in layers
-                                           for M in layer.factor_matrices()])
+                                           for M in layer.factor_matrices()], self.precision)
 
     def sparsity_loss(self) -> Tensor:
         """Unweighted `sum L_s` over every singular-value vector of the model."""
@@ -89,7 +94,7 @@ class SVDRegularizer:
 
     def __repr__(self) -> str:
         return (f"SVDRegularizer(ortho={self.ortho}, sparsity={self.sparsity!r}, "
-                f"strength={self.strength})")
+                f"strength={self.strength}, precision={self.precision!r})")
 
 
 def _without_autocast(layers) -> torch.autocast:

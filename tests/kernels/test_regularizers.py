@@ -2,6 +2,8 @@
 reference (value and gradient). On CPU they run through Triton's interpreter (conftest sets
 TRITON_INTERPRET=1): fp32 with IEEE dots, fp16 and fp64; bf16 and TF32 need a GPU and are in
 the CUDA-only tests at the end."""
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -18,6 +20,8 @@ from svdkern.kernels import orthogonality as O  # noqa: E402  (needs Triton)
 from svdkern.kernels import sparsity as S  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Exact fp32 dots, as the float64 reference holds them to 1e-5 (a GPU's default is TF32).
+orthogonality_ieee = functools.partial(ops.orthogonality_loss, precision="ieee")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 # tall, square, rank 1, wide (rows < r), ranks off every block size, r > one 32-wide Gram tile
@@ -60,9 +64,67 @@ def check_against_reference(loss_fn, ref_fn, inputs, dtype, what, views=None):
         assert_close(leaf.grad, ref.grad, dtype, f"{what} grad {i}")
 
 
+# Error of each precision mode against the exact float64 loss and gradient (relative to the
+# loss, and to the gradient's largest entry), measured on MODE_SHAPES at 1e-6 / 5e-7 (IEEE),
+# 6e-5 / 1e-3 (TF32) and 2e-4 / 1e-2 (bf16): docs/SPEC.md section 4.
+MODE_BOUNDS = {"ieee": (1e-6, 1e-5), "tf32": (5e-4, 3e-3), "bf16": (2e-3, 3e-2)}
+MODE_SHAPES = SHAPES + [(300, 130)]
+
+
+def check_precision_mode(mats, precision, backend_name):
+    """The loss and gradients at `precision` (None: the device's default) within the mode's
+    bound of the exact float64 values, and close to the reference's emulation of the same
+    mode: within fp32 rounding for the loss; the kernels' gradient dot also reads G - I at
+    that precision, which the reference's does not (1e-3 TF32, 5e-3 bf16)."""
+    resolved = reference.orthogonality_precision(precision, torch.float32, mats[0].device)
+    exact = [M.detach().double().requires_grad_() for M in mats]
+    emulated = [M.detach().double().requires_grad_() for M in mats]
+    leaves = [M.detach().clone().requires_grad_() for M in mats]
+    with backend.use(backend_name):
+        loss = ops.orthogonality_loss(leaves, precision=precision)
+    loss.backward()
+    exact_loss = reference.orthogonality_loss(exact)
+    exact_loss.backward()
+    emulated_loss = reference.orthogonality_loss(emulated, resolved)
+    emulated_loss.backward()
+    loss_bound, grad_bound = MODE_BOUNDS[resolved]
+    assert abs(loss.item() - exact_loss.item()) <= loss_bound * exact_loss.item(), resolved
+    assert abs(loss.item() - emulated_loss.item()) <= 1e-5 * exact_loss.item(), resolved
+    same_mode = {"tf32": 1e-3, "bf16": 5e-3}.get(resolved, 1e-5) if backend_name == "triton" \
+        else 1e-5
+    for leaf, ex, em in zip(leaves, exact, emulated):
+        scale = ex.grad.abs().max().item()
+        assert (leaf.grad.double() - ex.grad).abs().max().item() <= grad_bound * scale, resolved
+        assert (leaf.grad.double() - em.grad).abs().max().item() <= same_mode * scale, resolved
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_each_precision_mode_is_within_its_bound(precision, backend_name):
+    """TF32 and bf16 run on CPU too (emulated by rounding), with the errors documented."""
+    check_precision_mode(rand_matrices(MODE_SHAPES, torch.float32), precision, backend_name)
+
+
+def test_the_default_precision_and_the_dtypes_it_applies_to():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert reference.orthogonality_precision(None, torch.float32, cpu) == "ieee"
+    assert reference.orthogonality_precision(None, torch.float32, gpu) == "tf32"
+    assert reference.orthogonality_precision("bf16", torch.float32, cpu) == "bf16"
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        assert reference.orthogonality_precision("tf32", dtype, gpu) == "ieee"
+    with pytest.raises(ValueError, match="precision must be None or one of"):
+        ops.orthogonality_loss(rand_matrices([(5, 2)], torch.float32), precision="fp8")
+    with pytest.raises(ValueError, match="SVDRegularizer: precision"):
+        svdkern.SVDRegularizer(svdkern.decompose(nn.Linear(4, 3)), precision="half")
+    model = svdkern.decompose(nn.Linear(40, 30))
+    exact = svdkern.SVDRegularizer(model, sparsity=None, precision="ieee")()
+    rounded = svdkern.SVDRegularizer(model, sparsity=None, precision="bf16")()
+    assert exact.item() != rounded.item()  # the setting reaches the op
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_orthogonality_mixed_shapes(dtype):
-    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+    check_against_reference(orthogonality_ieee, reference.orthogonality_loss,
                             rand_matrices(SHAPES, dtype), dtype, f"{dtype} mix")
 
 
@@ -70,7 +132,7 @@ def test_orthogonality_mixed_shapes(dtype):
 def test_orthogonality_single_matrix(shape):
     """One matrix; the larger ones also tile their Gram into 2 x 2 and 3 x 3 blocks of 32
     (upper triangle computed, mirrored)."""
-    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+    check_against_reference(orthogonality_ieee, reference.orthogonality_loss,
                             rand_matrices([shape], torch.float32), torch.float32, "single")
 
 
@@ -79,7 +141,7 @@ def test_orthogonality_non_contiguous():
     strided slices."""
     mats = rand_matrices([(19, 33), (40, 6), (21, 18), (35, 20)], torch.float32, seed=1)
     views = [lambda t: t.t(), lambda t: t[::2], lambda t: t[:, 1:], lambda t: t.t()[:, :-1]]
-    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss, mats,
+    check_against_reference(orthogonality_ieee, reference.orthogonality_loss, mats,
                             torch.float32, "views", views)
 
 
@@ -89,7 +151,7 @@ def test_orthogonality_non_contiguous():
        lengths=st.lists(st.integers(1, 300), min_size=1, max_size=4),
        seed=st.integers(0, 2 ** 16))
 def test_random_shapes(shapes, lengths, seed):
-    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+    check_against_reference(orthogonality_ieee, reference.orthogonality_loss,
                             rand_matrices(shapes, torch.float32, seed), torch.float32, "ortho")
     check_against_reference(ops.hoyer_loss, reference.hoyer_loss,
                             rand_vectors(lengths, torch.float32, seed), torch.float32, "hoyer")
@@ -115,10 +177,10 @@ def test_orthogonality_aligned_layout(dtype):
     """The aligned kernels (told that rows and matrices start 16 bytes apart) against the
     reference, with a column-major matrix making the same mix take the general ones."""
     mats = rand_matrices(ALIGNED_SHAPES, dtype, seed=3)
-    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss, mats, dtype,
+    check_against_reference(orthogonality_ieee, reference.orthogonality_loss, mats, dtype,
                             "aligned")
     views = [lambda t: t] * (len(mats) - 1) + [lambda t: t.t().contiguous().t()]
-    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss, mats, dtype,
+    check_against_reference(orthogonality_ieee, reference.orthogonality_loss, mats, dtype,
                             "general", views)
 
 
@@ -133,7 +195,7 @@ def test_every_orthogonality_block_shape_matches_reference(monkeypatch, kernel, 
     tuned = getattr(O, kernel)
     monkeypatch.setattr(tuned, "configs", [cfg])
     for shapes in (CONFIG_SHAPES, ALIGNED_SHAPES):
-        check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+        check_against_reference(orthogonality_ieee, reference.orthogonality_loss,
                                 rand_matrices(shapes, torch.float32), torch.float32,
                                 config_id(cfg))
     assert tuned.best_config is cfg  # the patched list reached the launches
@@ -143,7 +205,7 @@ def test_fp16_gradient_of_large_factors_stays_finite():
     """Gram entries past fp16's 65504 (column norms of 16 * sqrt(300)): the gradient keeps
     G - I in fp32 for fp16 factors, so it is finite and matches the reference."""
     M = torch.randn(300, 128, generator=torch.Generator().manual_seed(0)) * 16
-    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+    check_against_reference(orthogonality_ieee, reference.orthogonality_loss,
                             [M.to(DEVICE, torch.float16)], torch.float16, "fp16 large")
 
 
@@ -376,19 +438,20 @@ def test_bad_inputs():
 def test_opcheck():
     tests = ("test_schema", "test_autograd_registration", "test_faketensor",
              "test_aot_dispatch_dynamic")
-    for shapes_in in ([(9, 3), (5, 5)], [(9, 8), (5, 16)]):  # general and aligned layouts
+    for shapes_in, precision in (([(9, 3), (5, 5)], "ieee"),  # general and aligned layouts
+                                 ([(9, 8), (5, 16)], "bf16")):
         flat, key = O.pack_matrices(rand_matrices(shapes_in, torch.float32))
         table, gram_numel = O.matrix_table(key, flat.device)
         shapes = [n for rows, r, _ in key for n in (rows, r)]
         aligned = O.aligned_layout(key)
         flat.requires_grad_()
         torch.library.opcheck(O._orthogonality,
-                              (flat, table, shapes, gram_numel, aligned), test_utils=tests)
-        _, gram = O._orthogonality(flat.detach(), table, shapes, gram_numel,
-                                                 aligned)
-        torch.library.opcheck(O._orthogonality_grad,
-                              (flat.detach(), table, shapes, gram, torch.tensor(1.0), aligned),
+                              (flat, table, shapes, gram_numel, aligned, precision),
                               test_utils=tests)
+        _, gram = O._orthogonality(flat.detach(), table, shapes, gram_numel, aligned, precision)
+        torch.library.opcheck(O._orthogonality_grad,
+                              (flat.detach(), table, shapes, gram, torch.tensor(1.0), aligned,
+                               precision), test_utils=tests)
     svals = torch.randn(12, device=DEVICE, requires_grad=True)
     offsets = S.segment_offsets((5, 7), svals.device)
     for hoyer in (False, True):
@@ -417,7 +480,7 @@ def test_bf16_on_cpu_is_read_as_fp32():
     """The interpreter has no bf16: bf16 factors are packed as fp32, grads come back bf16."""
     if DEVICE == "cuda":
         pytest.skip("bf16 runs natively on the GPU (test_bf16_on_gpu)")
-    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+    check_against_reference(orthogonality_ieee, reference.orthogonality_loss,
                             rand_matrices([(37, 5), (3, 17)], torch.bfloat16), torch.bfloat16,
                             "bf16 cpu")
     check_against_reference(ops.l1_loss, reference.l1_loss,
@@ -427,7 +490,7 @@ def test_bf16_on_cpu_is_read_as_fp32():
 # ------------------------------------------------------------------------- GPU only
 @cuda_only
 def test_bf16_on_gpu():
-    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+    check_against_reference(orthogonality_ieee, reference.orthogonality_loss,
                             rand_matrices(SHAPES + [(300, 130)], torch.bfloat16),
                             torch.bfloat16, "bf16 mix")
     check_against_reference(ops.hoyer_loss, reference.hoyer_loss,
@@ -442,37 +505,36 @@ def test_autotuned_configs_match_reference(monkeypatch):
     for kernel in (O._gram_loss_tuned, O._grad_tuned):
         monkeypatch.setattr(kernel, "cache", {})
         monkeypatch.setattr(kernel, "configs_timings", {}, raising=False)
-    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss,
+    check_against_reference(orthogonality_ieee, reference.orthogonality_loss,
                             rand_matrices([(2304, 256), (512, 512), (3072, 48), (5, 1)],
                                           torch.float32), torch.float32, "tuned")
     assert len(O._gram_loss_tuned.configs_timings) > 1 and len(O._grad_tuned.configs_timings) > 1
 
 
 @cuda_only
-def test_tf32_on_gpu(monkeypatch):
-    """TF32 where PyTorch allows it: within 1e-3, and really TF32 (the loss changes)."""
+def test_tf32_is_the_default_on_gpu():
+    """Without a precision the GPU runs TF32 (the loss differs from IEEE), within its bound
+    of the float64 reference and within fp32 rounding of the TF32 emulation."""
     mats = rand_matrices(SHAPES + [(1000, 600)], torch.float32)
     with backend.use("triton"):
-        ieee = ops.orthogonality_loss(mats)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.setitem(TOL, torch.float32, 1e-3)  # tf32 inputs carry 10 mantissa bits
-    check_against_reference(ops.orthogonality_loss, reference.orthogonality_loss, mats,
-                            torch.float32, "tf32 mix")
-    with backend.use("triton"):
-        assert not torch.equal(ops.orthogonality_loss(mats), ieee)
+        ieee = orthogonality_ieee(mats)
+        default = ops.orthogonality_loss(mats)
+    assert not torch.equal(default, ieee)
+    check_precision_mode(mats, None, "triton")
 
 
 COMPILE_FOR_SM90 = """
 from bench.kernel_resources import (compile_grad, compile_gram, compile_sparsity,
                                     matrix_instructions, wide_load_share)
 from svdkern.kernels import orthogonality as O
-for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee"),
-                 ("fp64", "ieee")):
+for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("fp32", "bf16"), ("fp16", "ieee"),
+                 ("bf16", "ieee"), ("fp64", "ieee")):
     for aligned in (False, True):
         for name, kernel in (("gram", compile_gram(dt, O.GRAM_CONFIGS[-1], prec, aligned)),
                              ("grad", compile_grad(dt, O.GRAD_CONFIGS[-1], prec, aligned))):
             # tensor cores for every dot but exact fp32 (IEEE), which has none, and the fp16
-            # gradient, which keeps G - I in fp32 (fp16 would overflow past 65504)
+            # gradient, which keeps G - I in fp32 (fp16 would overflow past 65504); fp32
+            # factors at precision "tf32" or "bf16" on the tensor cores too
             expected = {"fp32ieee": "fma", "fp64ieee": "mma"}.get(dt + prec, "wgmma")
             if (name, dt) == ("grad", "fp16"):
                 expected = "fma"

@@ -467,3 +467,39 @@ def test_layer_kernels_compile_for_gpu():
     first config the autotune prefilter keeps, and their dots on the tensor cores wherever
     the dtype allows."""
     compile_for_sm90(LAYER_KERNELS_FOR_SM90)
+
+
+COUNT_COMPILES = """
+import torch
+from bench.kernel_resources import _Recorder, _patched, compile_key
+from svdkern.kernels import svd_linear as L
+ranks = list(range(1, 129, 2))[:50] + [64]  # 50 distinct odd ranks and one multiple of 8
+keys = {"forward": set(), "backward": set()}
+tuning = {"forward": set(), "backward": set()}
+for r in ranks:
+    x, U, s, V = torch.empty(512, 768), torch.empty(768, r), torch.empty(r), torch.empty(768, r)
+    with _patched(L, "_fwd_kernel", _Recorder()) as fwd, \\
+            _patched(L, "_target_programs", lambda device: 264):
+        L.launch_forward(x, U, s, V, torch.empty(768))
+    with _patched(L, "_bwd_rows_kernel", _Recorder()) as bwd:
+        L.launch_backward_rows(torch.empty(512, 768), x, U, s, V, True, True)
+    for name, kernel, rec in (("forward", L._fwd_kernel, fwd), ("backward", L._bwd_rows_kernel, bwd)):
+        keys[name].add(compile_key(kernel, rec, kernel.configs[0]))
+        tuning[name].add(tuple(rec.kwargs.get(k, rec.args[kernel.fn.arg_names.index(k)]
+                                              if k in kernel.fn.arg_names[:len(rec.args)] else None)
+                               for k in kernel.keys))
+print("counts", len(keys["forward"]), len(keys["backward"]), len(tuning["forward"]),
+      len(tuning["backward"]))
+"""
+
+
+def test_a_model_with_50_distinct_ranks_compiles_each_config_a_bounded_number_of_times():
+    """Triton compiles a binary per argument specialization and constexpr set, and tunes per
+    autotune key: the rank reaches both only through R_PAD (a power of two up to 128) and
+    ALIGNED_FACTORS, so 51 ranks give at most 4 x 2 of each, not one per rank."""
+    from tests.helpers import run_without_interpreter
+    done = run_without_interpreter(COUNT_COMPILES)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = [int(n) for n in done.stdout.split("counts")[-1].split()]
+    assert all(1 <= n <= 8 for n in counts), counts
+    assert "R" not in L._fwd_kernel.keys and "R" not in L._bwd_rows_kernel.keys
