@@ -285,6 +285,20 @@ def check_prune_rule(who: str, energy, threshold) -> tuple[float | None, float |
     return None, value
 
 
+DEFAULT_TRAINING_ENERGY = 0.01  # SVDTraining's energy when neither rule is given
+
+
+def check_prune_schedule(who: str, prune_epoch, prune_step) -> None:
+    """A ValueError naming `who` unless at most one of `prune_epoch` and `prune_step` is
+    given, each an integer >= 0 (not a boolean)."""
+    if prune_epoch is not None and prune_step is not None:
+        raise ValueError(f"{who}: give at most one of prune_epoch and prune_step")
+    for label, value in (("prune_epoch", prune_epoch), ("prune_step", prune_step)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise ValueError(f"{who}: {label} must be an integer >= 0, got {value!r}")
+
+
 def kept_rank(s: Tensor, energy: float | None, rank_multiple: int = 1,
               threshold: float | None = None) -> int:
     """Rank a layer keeps: the largest count of its groups `s` (g, r) by the energy rule

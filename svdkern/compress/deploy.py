@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..layers import SVDLinear, conv_spec, svd_layers
 from ..reference import ConvSpec
-from .decompose import replace_modules
+from .decompose import module_paths, replace_modules
 from .export import conv_pair, export, linear_pair
 
 FORMAT = "svdkern-compressed"
@@ -66,20 +66,25 @@ def _describe(layer, exported: nn.Module) -> dict:
 def load_compressed(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load what `save_compressed` wrote into `model`, a freshly built dense architecture
     (the one decomposed before saving): each low-rank layer's `nn.Linear` / `nn.Conv2d` is
-    replaced by its plain pair, then every tensor is loaded. Every name and shape is checked
-    first, so a mismatched directory leaves `model` unchanged. Returns the model (the pair
-    itself when `model` is a bare layer)."""
+    replaced by its plain pair, then every tensor is loaded. Every layer's kind and geometry,
+    and every tensor's name and shape, are checked first, so a mismatched directory leaves
+    `model` unchanged. Returns the model (the pair itself when `model` is a bare layer)."""
     from safetensors import safe_open
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
     root = Path(directory)
     layout = _read_layout(root / LAYOUT)
-    replacements = {name: _pair_for(name, model, entry) for name, entry in layout.items()
+    if any(t.is_meta for t in model.state_dict().values()):
+        raise ValueError("load_compressed: the model is on the meta device, where nothing can "
+                         "be loaded; build it on a device (or call model.to_empty(device=...))")
+    layers = {name: _checked_layer(name, model, entry) for name, entry in layout.items()}
+    replacements = {name: _empty_pair(layers[name], entry) for name, entry in layout.items()
                     if entry["form"] == "lowrank"}
     with safe_open(str(root / TENSORS), framework="pt") as f:
         stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    _check_tensors(model, replacements, stored, root)
+    _check_tensors(_expected_tensors(model, replacements), stored, root)
+    tensors = load_file(str(root / TENSORS))
     model = replace_modules(model, replacements)
-    load_model(model, str(root / TENSORS), strict=True)
+    model.load_state_dict(tensors, strict=False)  # the keys left out are tied to loaded ones
     return model
 
 
@@ -99,50 +104,79 @@ def _read_layout(path: Path) -> dict:
     return layout["layers"]
 
 
-def _pair_for(name: str, model: nn.Module, entry: dict) -> nn.Sequential:
-    """The empty pair replacing the dense layer at `name`, checked against that layer."""
+def _checked_layer(name: str, model: nn.Module, entry: dict) -> nn.Module:
+    """The dense layer at `name`, checked against what was saved for it (kind, geometry,
+    bias), whether it becomes a pair or stays dense."""
     label = name or "<root>"
     try:
         dense = model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"load_compressed: the model has no layer {label} (saved from another "
                          "architecture?)") from None
+    if entry["kind"] == "linear":
+        kind, want = nn.Linear, (entry["in_features"], entry["out_features"])
+        have = (dense.in_features, dense.out_features) if isinstance(dense, kind) else None
+    else:
+        spec = _saved_spec(entry)
+        kind, want = nn.Conv2d, tuple(spec[:-1])
+        have = tuple(conv_spec(dense, spec.scheme, label)[:-1]) if isinstance(dense, kind) else None
+    if have != want or (dense.bias is not None) != entry["bias"]:
+        found = type(dense).__name__ + (f" {have} (bias {dense.bias is not None})"
+                                        if have is not None else "")
+        raise ValueError(f"load_compressed: layer {label} is a {found}, but a {kind.__name__} "
+                         f"{want} (bias {entry['bias']}) was saved")
+    return dense
+
+
+def _saved_spec(entry: dict) -> ConvSpec:
+    return ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()
+                       if k in ConvSpec._fields})
+
+
+def _empty_pair(dense: nn.Module, entry: dict) -> nn.Sequential:
+    """The plain pair replacing `dense` (checked), on its device and dtype."""
     factory = dict(device=dense.weight.device, dtype=dense.weight.dtype)
     if entry["kind"] == "linear":
-        want = (nn.Linear, (entry["in_features"], entry["out_features"]))
-        have = getattr(dense, "in_features", None), getattr(dense, "out_features", None)
-        pair = linear_pair(entry["in_features"], entry["out_features"], entry["rank"],
+        return linear_pair(entry["in_features"], entry["out_features"], entry["rank"],
                            entry["bias"], **factory)
-    else:
-        spec = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()
-                           if k in ConvSpec._fields})
-        want = (nn.Conv2d, spec[:-1])
-        have = conv_spec(dense, spec.scheme, label)[:-1] if isinstance(dense, nn.Conv2d) else ()
-        pair = conv_pair(spec, entry["rank"], entry["bias"], **factory)
-    if not isinstance(dense, want[0]) or tuple(have) != tuple(want[1]) or (
-            (dense.bias is not None) != entry["bias"]):
-        raise ValueError(f"load_compressed: layer {label} is {dense!r}, but a "
-                         f"{want[0].__name__} {want[1]} (bias {entry['bias']}) was saved")
-    return pair
+    return conv_pair(_saved_spec(entry), entry["rank"], entry["bias"], **factory)
 
 
-def _check_tensors(model: nn.Module, replacements: dict[str, nn.Module],
-                   stored: dict[str, tuple[int, ...]], root: Path) -> None:
-    """Every tensor the model will hold is in the file at its shape (a weight tied to
-    another may be stored once, under either name) and the file holds nothing else."""
-    replaced = tuple(f"{name}." if name else "" for name in replacements)
-    expected: dict[str, tuple[tuple[int, ...], int]] = {}
+def _expected_tensors(model: nn.Module, replacements: dict[str, nn.Module]
+                      ) -> dict[str, tuple[tuple[int, ...], object]]:
+    """Every tensor name the model will hold (a replaced layer at each of its paths) with
+    its shape and its tie group: names of one group share one tensor, which safetensors
+    stores once."""
+    paths = module_paths(model)
+    expected: dict[str, tuple[tuple[int, ...], object]] = {}
+    replaced = []
+    for name, pair in replacements.items():
+        for path in paths[id(model.get_submodule(name))]:
+            replaced.append(f"{path}." if path else "")
+            for key, t in pair.state_dict().items():
+                expected[f"{path}.{key}" if path else key] = (tuple(t.shape), (name, key))
     for key, t in model.state_dict(keep_vars=True).items():
         if not any(key.startswith(prefix) for prefix in replaced):
-            expected[key] = (tuple(t.shape), t.untyped_storage().data_ptr() if t.numel() else -1)
-    for name, pair in replacements.items():
-        for key, t in pair.state_dict().items():
-            expected[f"{name}.{key}" if name else key] = (tuple(t.shape), -1)
+            group = t.untyped_storage().data_ptr() if t.numel() else key
+            expected[key] = (tuple(t.shape), group)
+    return expected
+
+
+def _check_tensors(expected: dict[str, tuple[tuple[int, ...], object]],
+                   stored: dict[str, tuple[int, ...]], root: Path) -> None:
+    """Each tie group stored exactly once, every stored tensor at its name's shape, and
+    nothing else in the file."""
+    groups: dict[object, list[str]] = {}
+    for key, (_, group) in expected.items():
+        groups.setdefault(group, []).append(key)
     problems = [f"{key}: saved {stored[key]}, expected {shape}"
                 for key, (shape, _) in expected.items() if key in stored and stored[key] != shape]
-    stored_storage = {expected[k][1] for k in stored if k in expected}
-    problems += [f"{key}: missing" for key, (_, storage) in expected.items()
-                 if key not in stored and not (storage != -1 and storage in stored_storage)]
+    for names in groups.values():
+        held = [n for n in names if n in stored]
+        if not held:
+            problems.append(f"{names[0]}: missing")
+        elif len(held) > 1:
+            problems.append(f"{' and '.join(held)}: stored apart, but one tensor in the model")
     problems += [f"{key}: not in the model" for key in stored if key not in expected]
     if problems:
         shown = "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5

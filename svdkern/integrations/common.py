@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..methods.svd_training import SVDRegularizer, SVDTraining
-from ..reference import check_prune_rule, check_rank_multiple
-
-DEFAULT_ENERGY = 0.01  # SVDTraining's
+from ..reference import check_prune_rule, check_prune_schedule, check_rank_multiple
 
 
 @dataclass(frozen=True)
@@ -18,8 +17,8 @@ class CallbackSettings:
     """SVD-training settings of a trainer callback: the regularizer (`ortho`, `sparsity`,
     `strength`), the pruning rule (`energy` or `threshold`, at most one; energy 0.01 when
     neither) and when to prune (`prune_step`: after that optimizer step; `prune_epoch`: at the
-    start of that 0-based epoch; neither: never). After the prune, fine-tuning keeps the
-    orthogonality term and drops sparsity."""
+    start of that 0-based epoch; neither: never; `prune_step=0` prunes before the first
+    step). After the prune, fine-tuning keeps the orthogonality term and drops sparsity."""
 
     ortho: float = 1.0
     sparsity: str | None = "hoyer"
@@ -31,23 +30,34 @@ class CallbackSettings:
     rank_multiple: int = 1
 
     def __post_init__(self) -> None:
+        """SVDTraining's own checks, run here with no model (it is bound when training
+        starts)."""
+        who = "SVDTrainingCallback"
         SVDRegularizer.check_settings(self.ortho, self.sparsity, self.strength)
         if self.energy is not None or self.threshold is not None:
-            check_prune_rule("SVDTrainingCallback", self.energy, self.threshold)
-        check_rank_multiple("SVDTrainingCallback", self.rank_multiple)
-        if self.prune_step is not None and self.prune_epoch is not None:
-            raise ValueError("SVDTrainingCallback: give at most one of prune_step and prune_epoch")
-        for label in ("prune_step", "prune_epoch"):
-            value = getattr(self, label)
-            if value is not None and not (isinstance(value, int) and value >= 0):
-                raise ValueError(f"SVDTrainingCallback: {label} must be an integer >= 0, "
-                                 f"got {value!r}")
+            check_prune_rule(who, self.energy, self.threshold)
+        check_rank_multiple(who, self.rank_multiple)
+        check_prune_schedule(who, self.prune_epoch, self.prune_step)
+
+    @property
+    def prunes(self) -> bool:
+        return self.prune_step is not None or self.prune_epoch is not None
 
     def schedule(self, model: nn.Module) -> SVDTraining:
         """The schedule over `model`, which must already be in SVD form (`svdkern.decompose`
-        before the trainer is built, so its optimizer holds the factors)."""
-        energy = DEFAULT_ENERGY if self.energy is None else self.energy
-        return SVDTraining(model, self.ortho, self.sparsity, self.strength, energy,
+        before the trainer is built, so its optimizer holds the factors). Pruning under a
+        multi-process run is refused here, before any step: it changes the shapes of
+        parameters that the trainer's DDP/FSDP wrapper holds, and every rank must prune
+        alike (train there without pruning, then `svdkern.prune_distributed` and wrap
+        again)."""
+        if self.prunes and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            raise RuntimeError("SVDTrainingCallback: pruning inside a distributed run "
+                               f"({dist.get_world_size()} processes) would change parameter "
+                               "shapes under the trainer's DDP/FSDP wrapper; train with "
+                               "prune_step=None and prune_epoch=None, then prune with "
+                               "svdkern.prune_distributed and wrap the model again")
+        return SVDTraining(model, self.ortho, self.sparsity, self.strength, self.energy,
                            self.prune_epoch, rank_multiple=self.rank_multiple,
                            threshold=self.threshold, prune_step=self.prune_step)
 

@@ -20,11 +20,17 @@ class SVDTrainingCallback(SettingsCallback, Callback):
     `svdkern.integrations.common.CallbackSettings` (checked here, before any training)."""
 
     _restored_finetuning = False  # set by load_state_dict from a checkpoint
+    _seen_step = 0  # the trainer's global step when this callback last acted
 
     def on_fit_start(self, trainer, pl_module):
         self.training = self.settings.schedule(pl_module)
         if self._restored_finetuning:
             self.training.start_finetuning()
+
+    def on_train_start(self, trainer, pl_module):
+        self._seen_step = trainer.global_step
+        if self.settings.prune_step == 0:
+            self.training.on_step_end(trainer.global_step, self._optimizer(trainer))
 
     def on_train_epoch_start(self, trainer, pl_module):
         if self.settings.prune_epoch is not None:
@@ -34,7 +40,9 @@ class SVDTrainingCallback(SettingsCallback, Callback):
         self.training.backward_penalty()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.settings.prune_step is not None:
+        # every micro-batch ends here: act once an optimizer step has completed
+        if self.settings.prune_step is not None and trainer.global_step != self._seen_step:
+            self._seen_step = trainer.global_step
             self.training.on_step_end(trainer.global_step, self._optimizer(trainer))
 
     def state_dict(self) -> dict:

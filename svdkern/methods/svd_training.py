@@ -18,7 +18,8 @@ from torch import Tensor
 from .. import ops
 from ..compress.pruning import PruneRecord, prune
 from ..layers import svd_layers
-from ..reference import check_energy, check_precision, check_prune_rule, check_rank_multiple
+from ..reference import (DEFAULT_TRAINING_ENERGY, check_precision, check_prune_rule,
+                         check_prune_schedule, check_rank_multiple)
 
 SPARSITY = {"hoyer": ops.hoyer_loss, "l1": ops.l1_loss, None: None}
 
@@ -116,25 +117,22 @@ class SVDTraining:
                 loss = F.cross_entropy(model(x), y) + hook.penalty()
                 optimizer.zero_grad(); loss.backward(); optimizer.step()
 
-    `threshold` prunes by the value rule instead of `energy` (see `svdkern.prune`);
-    `prune_step` prunes after that many optimizer steps (`on_step_end`) instead of at an
-    epoch; the trainer integrations (`svdkern.integrations`) drive it by steps or epochs.
+    `threshold` prunes by the value rule instead of `energy` (exactly one; neither: energy
+    0.01; see `svdkern.prune`); `prune_step` prunes after that many optimizer steps
+    (`on_step_end`; 0: before the first) instead of at an epoch; the trainer integrations
+    (`svdkern.integrations`) drive it by steps or epochs.
     """
 
     def __init__(self, model: nn.Module, ortho: float = 1.0, sparsity: str | None = "hoyer",
-                 strength: float = 0.07, energy: float = 0.01, prune_epoch: int | None = None,
-                 sparsity_start: int = 0, rank_multiple: int = 1, *,
-                 threshold: float | None = None, prune_step: int | None = None) -> None:
-        if threshold is None:
-            energy = check_energy("SVDTraining", energy)
-        else:
-            energy, threshold = check_prune_rule("SVDTraining", None, threshold)
+                 strength: float = 0.07, energy: float | None = None,
+                 prune_epoch: int | None = None, sparsity_start: int = 0,
+                 rank_multiple: int = 1, *, threshold: float | None = None,
+                 prune_step: int | None = None) -> None:
+        if energy is None and threshold is None:
+            energy = DEFAULT_TRAINING_ENERGY
+        energy, threshold = check_prune_rule("SVDTraining", energy, threshold)
         check_rank_multiple("SVDTraining", rank_multiple)
-        if prune_epoch is not None and prune_step is not None:
-            raise ValueError("SVDTraining: give at most one of prune_epoch and prune_step")
-        for label, value in (("prune_epoch", prune_epoch), ("prune_step", prune_step)):
-            if value is not None and not (isinstance(value, int) and value >= 0):
-                raise ValueError(f"SVDTraining: {label} must be an integer >= 0, got {value!r}")
+        check_prune_schedule("SVDTraining", prune_epoch, prune_step)
         if prune_epoch is not None and prune_epoch < sparsity_start:
             raise ValueError(f"SVDTraining: prune_epoch {prune_epoch} comes before "
                              f"sparsity_start {sparsity_start}")
@@ -162,8 +160,8 @@ class SVDTraining:
             self.prune_now(optimizer)
 
     def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """After optimizer step number `step` (1-based, as trainers count): prune there when
-        it is `prune_step` (a `prune_step` of 0 prunes at the first call)."""
+        """After optimizer step number `step` (1-based, as trainers count; 0: before the first
+        step): prune there when it reaches `prune_step`."""
         if self.prune_step is not None and step >= self.prune_step and not self.finetuning:
             self.prune_now(optimizer)
 

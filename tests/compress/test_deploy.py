@@ -53,7 +53,7 @@ def test_a_mismatched_architecture_is_refused_and_left_unchanged(tmp_path):
     other = small_cnn()
     other[-1] = nn.Linear(90, 7).double()
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match="layer 6 is Linear.*was saved"):
+    with pytest.raises(ValueError, match="layer 6 is a Linear.*was saved"):
         svdkern.load_compressed(other, tmp_path)
     assert isinstance(other[-1], nn.Linear)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
@@ -179,3 +179,53 @@ def test_exported_models_run_in_onnx_runtime(tmp_path, name):
     with torch.no_grad():
         want = first_output(model(x))
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+
+
+class Shared(nn.Module):
+    """One linear used at two paths."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(40, 40)
+        self.b = self.a
+        self.out = nn.Linear(40, 5)
+
+    def forward(self, x):
+        return self.out(self.b(torch.relu(self.a(x))))
+
+
+def test_a_layer_used_at_two_paths_loads_once_at_both(tmp_path):
+    model = svdkern.decompose(Shared())
+    svdkern.prune(model, 0.5)
+    svdkern.save_compressed(model, tmp_path)
+    loaded = svdkern.load_compressed(Shared(), tmp_path)
+    assert loaded.a is loaded.b and isinstance(loaded.a, nn.Sequential)
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_refusals_leave_the_model_unchanged(tmp_path):
+    svdkern.save_compressed(svdkern.decompose(TiedLM(), skip=["head"]), tmp_path / "tied")
+    untied = svdkern.decompose(TiedLM(), skip=["head"])
+    untied.head.weight = nn.Parameter(untied.embed.weight.detach().clone())
+    svdkern.save_compressed(untied, tmp_path / "untied")
+    fresh = TiedLM()
+    kinds = [type(m) for m in fresh.modules()]
+    with pytest.raises(ValueError, match="stored apart, but one tensor in the model"):
+        svdkern.load_compressed(fresh, tmp_path / "untied")
+    assert [type(m) for m in fresh.modules()] == kinds
+    with torch.device("meta"):
+        on_meta = TiedLM()
+    with pytest.raises(ValueError, match="meta device"):
+        svdkern.load_compressed(on_meta, tmp_path / "tied")
+    svdkern.save_compressed(pruned_cnn(), tmp_path / "cnn")
+    strided = small_cnn()
+    dense_layers = [n for n, e in json.loads((tmp_path / "cnn" / "svdkern.json").read_text())[
+        "layers"].items() if e["form"] == "dense" and e["kind"] == "conv2d"]
+    strided.get_submodule(dense_layers[0]).stride = (2, 2)  # a layer saved dense
+    with pytest.raises(ValueError, match=f"layer {dense_layers[0]} is a Conv2d"):
+        svdkern.load_compressed(strided, tmp_path / "cnn")
+    loaded = svdkern.load_compressed(small_cnn(), tmp_path / "cnn")
+    with pytest.raises(ValueError, match=r"is a Sequential, but a (Linear|Conv2d)"):
+        svdkern.load_compressed(loaded, tmp_path / "cnn")  # already holds the pairs

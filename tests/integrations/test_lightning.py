@@ -115,3 +115,29 @@ def test_a_run_resumed_after_the_prune_keeps_the_ranks_and_never_prunes_again(tm
             == [layer.rank for _, layer in svdkern.svd_layers(whole)] != [6, 3])
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def global_steps_of_prunes(tmp_path, monkeypatch, callback, batch_size, **trainer_args):
+    """The trainer's global step at each prune of a run."""
+    steps = []
+    original = svdkern.methods.svd_training.prune
+    monkeypatch.setattr(svdkern.methods.svd_training, "prune",
+                        lambda *a, **k: steps.append(trainer.global_step) or original(*a, **k))
+    trainer = lightning.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=str(tmp_path), callbacks=[callback],
+                                **trainer_args)
+    trainer.fit(Classifier("adam", 1e-2), loader(batch_size))
+    return steps
+
+
+def test_prune_step_zero_prunes_once_before_the_first_step_with_accumulation(tmp_path,
+                                                                            monkeypatch):
+    callback = SVDTrainingCallback(energy=0.3, prune_step=0)
+    assert global_steps_of_prunes(tmp_path, monkeypatch, callback, 2, max_steps=3,
+                                  accumulate_grad_batches=2) == [0]
+
+
+def test_an_epoch_prune_happens_at_the_start_of_that_epoch(tmp_path, monkeypatch):
+    callback = SVDTrainingCallback(energy=0.3, prune_epoch=1)  # 4 steps an epoch
+    assert global_steps_of_prunes(tmp_path, monkeypatch, callback, 8, max_epochs=3) == [4]

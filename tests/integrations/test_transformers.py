@@ -139,7 +139,47 @@ def test_settings_are_checked_when_the_callback_is_built():
         SVDTrainingCallback(energy=0.1, threshold=0.5)
     with pytest.raises(ValueError, match="prune_step must be an integer"):
         SVDTrainingCallback(prune_step=-1)
-    with pytest.raises(ValueError, match="at most one of prune_step and prune_epoch"):
+    with pytest.raises(ValueError, match="at most one of prune_epoch and prune_step"):
         SVDTrainingCallback(prune_step=1, prune_epoch=1)
     with pytest.raises(ValueError, match="sparsity must be"):
         SVDTrainingCallback(sparsity="hoyer-square!")
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Data of no length: the Trainer's state.epoch stays fractional over it."""
+
+    def __iter__(self):
+        return iter(dataset(8))
+
+
+@pytest.mark.parametrize("data", ["sized", "iterable"])
+def test_an_epoch_prune_happens_at_the_start_of_that_epoch(tmp_path, monkeypatch, data):
+    """8 samples in batches of 4: epoch 1 starts after optimizer step 2."""
+    seen = []
+    original = svdkern.methods.svd_training.prune
+    monkeypatch.setattr(svdkern.methods.svd_training, "prune",
+                        lambda *a, **k: seen.append(trainer.state.global_step)
+                        or original(*a, **k))
+    model = tiny_bert()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, callbacks=[SVDTrainingCallback(
+        energy=0.2, prune_epoch=1)], train_dataset=Stream() if data == "iterable" else dataset(8))
+    trainer.train()
+    assert seen == [2]
+
+
+def test_prune_step_zero_prunes_before_the_first_step(tmp_path):
+    callback = SVDTrainingCallback(energy=0.2, prune_step=0)
+    model, trainer = train(tmp_path, [callback], max_steps=2, optim="adamw_torch")
+    assert callback.training.records and trainer.state.global_step == 2
+    assert all(r.rank_after < r.rank_before for r in callback.training.records[:1])
+
+
+def test_pruning_in_a_distributed_run_is_refused_before_any_step(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(RuntimeError, match="prune_distributed"):
+        SVDTrainingCallback(prune_step=3).settings.schedule(tiny_bert())
+    assert SVDTrainingCallback().settings.schedule(tiny_bert()) is not None  # no prune: fine
