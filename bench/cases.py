@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from svdkern import (SVDConv2d, SVDRegularizer, backend, decompose, dispatch, export, ops,
-                     reference, svd_layers)
+from svdkern import (SVDConv2d, SVDLinear, SVDRegularizer, backend, decompose, dispatch, export,
+                     ops, reference, svd_layers)
 from svdkern.compress.pruning import apply_plan
 from svdkern.reference import ConvSpec
 
@@ -39,7 +39,11 @@ from .models import MODELS, batch, build, task_loss
 from .timing import rotating, rotation_count
 
 LAYER_ALTERNATIVES = ("dense", "eager reference", "compiled reference", "svdkern")
-REGULARIZER_ALTERNATIVES = ("eager loop", "compiled loop", "svdkern")
+# "svdkern" runs the regularizer's default precision (TF32 on a GPU, IEEE elsewhere); the
+# baselines are plain fp32 PyTorch (IEEE).
+REGULARIZER_ALTERNATIVES = ("eager loop", "compiled loop", "svdkern ieee", "svdkern",
+                            "svdkern bf16")
+REGULARIZER_PRECISION = {"svdkern ieee": "ieee", "svdkern": None, "svdkern bf16": "bf16"}
 STEP_ALTERNATIVES = ("dense", "SVD reference", "svdkern")
 INFERENCE_ALTERNATIVES = ("dense", "exported low-rank")
 INFERENCE_RANK_FRACTION = 0.25
@@ -236,19 +240,36 @@ def _orthonormal(rows: int, r: int, device: torch.device, dtype: torch.dtype) ->
     return q.to(dtype).requires_grad_()
 
 
-def layer_case(shape: LayerShape, alternative: str, p: Preset,
-               device: torch.device) -> Callable[[], tuple[Tensor, Tensor]]:
-    """Forward + backward (dx and every parameter gradient) of one layer; returns (y, dx).
-    The dense weight is the materialized `U diag(s) V^T`, so all alternatives agree."""
+def _layer_operands(shape: LayerShape, p: Preset, device: torch.device):
+    """Orthonormal factors, `s` and a rotation of (x, dy) sets for one layer case, drawn
+    from the case's id (every alternative draws the same data)."""
     B, n, m, r, dtype = shape.rows, shape.n, shape.m, shape.rank, p.dtype
-    torch.manual_seed(zlib.crc32(shape.id.encode()))  # every alternative draws the same data
+    torch.manual_seed(zlib.crc32(shape.id.encode()))
     U, V = _orthonormal(m, r, device, dtype), _orthonormal(n, r, device, dtype)
     s = (torch.rand(r, device=device) + 0.5).to(dtype).requires_grad_()
     itemsize = torch.empty((), dtype=dtype).element_size()
     sets = [(torch.randn(B, n, device=device, dtype=dtype).requires_grad_(),
              torch.randn(B, m, device=device, dtype=dtype))
             for _ in range(rotation_count(itemsize * B * (n + m), device))]
-    next_set = rotating(sets)
+    return U, s, V, rotating(sets)
+
+
+def _timed_step(next_set, forward, params, backend_name: str) -> Callable[[], tuple[Tensor, Tensor]]:
+    """Forward + backward (dx and every parameter gradient) of `forward`; returns (y, dx)."""
+    def run() -> tuple[Tensor, Tensor]:
+        x, dy = next_set()
+        with backend.use(backend_name):
+            y = forward(x)
+            grads = torch.autograd.grad(y, (x, *params), dy)
+        return y, grads[0]
+    return run
+
+
+def layer_case(shape: LayerShape, alternative: str, p: Preset,
+               device: torch.device) -> Callable[[], tuple[Tensor, Tensor]]:
+    """Forward + backward (dx and every parameter gradient) of one layer; returns (y, dx).
+    The dense weight is the materialized `U diag(s) V^T`, so all alternatives agree."""
+    U, s, V, next_set = _layer_operands(shape, p, device)
     backend_name = "reference"
     if alternative == "dense":
         W = reference.materialize(U, s, V).detach().requires_grad_()
@@ -264,13 +285,65 @@ def layer_case(shape: LayerShape, alternative: str, p: Preset,
         params, forward = (U, s, V), lambda x: path(x, U, s, V)
     else:
         raise ValueError(f"unknown layer alternative {alternative!r}")
+    return _timed_step(next_set, forward, params, backend_name)
 
-    def run() -> tuple[Tensor, Tensor]:
-        x, dy = next_set()
-        with backend.use(backend_name):
-            y = forward(x)
-            grads = torch.autograd.grad(y, (x, *params), dy)
-        return y, grads[0]
+
+# Tradeoffs docs/SPEC.md section 3 settles by a model, timed so a GPU run can check them:
+# the chain's bias in its GEMM's epilogue against a separate add (and its own reduction for
+# db), and ranks past the fused kernel's on-chip limit, which run the chain, against dense.
+TRADEOFF_ALTERNATIVES = ("dense", "chain", "chain, bias apart")
+TRADEOFF_SOURCE = ("vit_b16", "mlp.fc1")
+
+
+def tradeoff_shapes(p: Preset) -> list[LayerShape]:
+    """ViT-B's fc1 at its real width (768 -> 3072, whatever the preset: the ranks past the
+    on-chip limit need it) at ranks 48 (fits on chip) and 129 to 512, at the preset's rows."""
+    source = next(s for s in layer_shapes(p) if (s.model, s.layer) == TRADEOFF_SOURCE)
+    _, _, n, _, m, _ = next(src for src in LAYER_SOURCES if src[:2] == TRADEOFF_SOURCE)
+    return [LayerShape(source.model, source.layer, source.rows, n, m, r)
+            for r in (48, 129, 192, 256, 384, 512)]
+
+
+def _chain_bias_apart(x: Tensor, U: Tensor, s: Tensor, V: Tensor, b: Tensor) -> Tensor:
+    """The chain as it was before the bias moved into the GEMM: a separate add over y."""
+    return ((x @ V) * s) @ U.transpose(-1, -2) + b
+
+
+def tradeoff_case(shape: LayerShape, alternative: str, p: Preset,
+                  device: torch.device) -> Callable[[], tuple[Tensor, Tensor]]:
+    """Forward + backward of one biased layer (dense, or the chain with the bias in the
+    GEMM or apart); returns (y, dx)."""
+    U, s, V, next_set = _layer_operands(shape, p, device)
+    b = torch.randn(shape.m, device=device, dtype=p.dtype).requires_grad_()
+    if alternative == "dense":
+        W = reference.materialize(U, s, V).detach().requires_grad_()
+        params, forward = (W, b), lambda x: F.linear(x, W, b)
+    elif alternative == "chain":
+        params, forward = (U, s, V, b), lambda x: reference.svd_linear(x, U, s, V, b)
+    elif alternative == "chain, bias apart":
+        params, forward = (U, s, V, b), lambda x: _chain_bias_apart(x, U, s, V, b)
+    else:
+        raise ValueError(f"unknown tradeoff alternative {alternative!r}")
+    return _timed_step(next_set, forward, params, "reference")
+
+
+# Building a layer from scratch: svdkern takes no SVD (QR factors, the default init's
+# spectrum); the goal is at most 1.5x two nn.init.orthogonal_ of its factors.
+INIT_ALTERNATIVES = ("nn.Linear", "two orthogonal_", "SVDLinear")
+INIT_SIZES = (1024, 4096)
+
+
+def init_case(size: int, alternative: str, device: torch.device) -> Callable[[], Tensor]:
+    """A square layer of `size` built from scratch on `device`; returns a tensor of it."""
+    def run() -> Tensor:
+        if alternative == "nn.Linear":
+            return nn.Linear(size, size, device=device).weight
+        if alternative == "two orthogonal_":
+            U = nn.init.orthogonal_(torch.empty(size, size, device=device))
+            return nn.init.orthogonal_(torch.empty(size, size, device=device)) + U[0, 0]
+        if alternative == "SVDLinear":
+            return SVDLinear(size, size, device=device).s
+        raise ValueError(f"unknown init alternative {alternative!r}")
     return run
 
 
@@ -313,7 +386,8 @@ def regularizer_case(name: str, alternative: str, p: Preset,
                      device: torch.device) -> Callable[[], Tensor]:
     """Regularizer loss + gradients of every U, s, V of the model; returns the loss."""
     model = svd_model(name, p, device)
-    reg, params = SVDRegularizer(model), _params(model)
+    reg = SVDRegularizer(model, precision=REGULARIZER_PRECISION.get(alternative, "ieee"))
+    params = _params(model)
     if alternative == "compiled loop":
         fn = compiled(_regularizer_loop, p)
 
@@ -323,8 +397,8 @@ def regularizer_case(name: str, alternative: str, p: Preset,
                       [sv for layer in layers for sv in layer.singular_values()],
                       reg.ortho, reg.strength)
         backend_name = "reference"
-    elif alternative in ("eager loop", "svdkern"):
-        loss, backend_name = reg, "auto" if alternative == "svdkern" else "reference"
+    elif alternative == "eager loop" or alternative in REGULARIZER_PRECISION:
+        loss, backend_name = reg, "reference" if alternative == "eager loop" else "auto"
     else:
         raise ValueError(f"unknown regularizer alternative {alternative!r}")
 

@@ -13,8 +13,10 @@
 #   2. install: pip install --no-deps --no-build-isolation -e . (the device has no network)
 #   3. tests: the kernel, dispatch, compile, integration and mixed-precision tests and the
 #      bench agreement checks, on CUDA (untuned, see conftest; the CUDA autotune tests tune)
-#   4. bench.report --only layers; then regularizer, step and inference in one process (the
-#      regularizer's share of a step needs both); then crossover with whatever time is left
+#   4. bench.report --only layers tradeoffs init (the layer cases, the chain's bias and
+#      ranks past the on-chip limit, building a layer from scratch); then regularizer (every
+#      precision), step and inference in one process (the regularizer's share of a step
+#      needs both); then crossover with whatever time is left
 # Caps (seconds): install 60, tests 150, layers 180, models 150, crossover the rest; they
 # sum to the default 540. A case that fails is recorded and the group goes on.
 # The last lines printed are the benchmark tables, the failed tests and then a summary (each
@@ -68,8 +70,8 @@ tail -3 "$out/env.log" | tee -a "$summary"
 wanted install && step install 60 python3 -m pip install --no-deps --no-build-isolation -e .
 if wanted tests; then
     step tests 150 python3 -m pytest -q -rfEs -p no:cacheprovider --benchmark-disable \
-        --junitxml="$out/tests.xml" tests/test_linear_kernels.py \
-        tests/test_regularizer_kernels.py tests/test_dispatch.py tests/test_compile.py \
+        --junitxml="$out/tests.xml" tests/kernels/test_svd_linear.py \
+        tests/kernels/test_regularizers.py tests/test_dispatch.py tests/test_compile.py \
         tests/test_integration.py tests/test_mixed_precision.py bench/test_layers.py \
         bench/test_models.py
     [ -e "$out/tests.log" ] && tail -1 "$out/tests.log" | sed 's/^/tests: /' | tee -a "$summary"
@@ -80,7 +82,7 @@ report() {  # report NAME CAP GROUP...: one bench.report process for these group
     step "bench-$name" "$cap" python3 -m bench.report --only "$@" \
         ${PRESET:+--preset "$PRESET"} --out "$out/results"
 }
-wanted layers && report layers 180 layers
+wanted layers && report layers 180 layers tradeoffs init
 wanted models && report models 150 regularizer step inference
 wanted crossover && report crossover 600 crossover
 

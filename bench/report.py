@@ -29,18 +29,20 @@ from pathlib import Path
 import torch
 
 import svdkern
-from svdkern import backend, dispatch
+from svdkern import backend, dispatch, reference
 
 from . import cost
 from .cases import (INFERENCE_ALTERNATIVES, INFERENCE_RANK_FRACTION, LAYER_ALTERNATIVES, MODELS,
-                    REGULARIZER_ALTERNATIVES, STEP_ALTERNATIVES, ConvShape, LayerShape,
-                    conv_spec, crossover_case, crossover_paths, crossover_shapes,
-                    inference_case, layer_case, layer_shapes, regularizer_case,
-                    regularizer_work, step_case)
+                    INIT_ALTERNATIVES, INIT_SIZES, REGULARIZER_ALTERNATIVES,
+                    REGULARIZER_PRECISION, STEP_ALTERNATIVES,
+                    TRADEOFF_ALTERNATIVES, ConvShape, LayerShape, conv_spec, crossover_case,
+                    crossover_paths, crossover_shapes, inference_case, init_case, layer_case,
+                    layer_shapes, regularizer_case, regularizer_work, step_case,
+                    tradeoff_case, tradeoff_shapes)
 from .config import PRESETS, Preset, default_device
 from .timing import measure_ceilings, time_ms
 
-GROUPS = ("layers", "crossover", "regularizer", "step", "inference")
+GROUPS = ("layers", "crossover", "tradeoffs", "init", "regularizer", "step", "inference")
 MODEL_GROUPS = ("regularizer", "step", "inference")  # the groups that --models selects for
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -109,6 +111,18 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
             for alt in LAYER_ALTERNATIVES:
                 timed("layers", shape.id, alt, lambda: layer_case(shape, alt, p, device),
                       flops=shape.flops(alt), nbytes=shape.bytes(alt, itemsize))
+    if "tradeoffs" in groups:
+        for shape in selected(tradeoff_shapes(p)):
+            for alt in TRADEOFF_ALTERNATIVES:
+                work = "dense" if alt == "dense" else "chain"
+                timed("tradeoffs", shape.id, alt, lambda: tradeoff_case(shape, alt, p, device),
+                      flops=shape.flops(work), nbytes=shape.bytes(work, itemsize),
+                      extra=dict(layer=f"{shape.model}.{shape.layer}", rows=shape.rows,
+                                 n=shape.n, m=shape.m, rank=shape.rank))
+    if "init" in groups:
+        for size in INIT_SIZES:
+            for alt in INIT_ALTERNATIVES:
+                timed("init", f"{size}x{size}", alt, lambda: init_case(size, alt, device))
     if "crossover" in groups:
         for shape in selected(crossover_shapes(p)):
             dispatched = dispatch_path(shape, p, device)
@@ -130,10 +144,10 @@ def run(p: Preset, device: torch.device, groups: list[str], models: tuple[str, .
                 work = None
             if work is not None:
                 mats, flops, nbytes = work
-                for alt in REGULARIZER_ALTERNATIVES:  # fp32 factors, IEEE dots (no TF32)
+                for alt in REGULARIZER_ALTERNATIVES:  # fp32 factors
                     timed("regularizer", f"{model} ({mats} matrices)", alt,
                           lambda: regularizer_case(model, alt, p, device), flops=flops,
-                          nbytes=nbytes, rate="fp32_ieee_tflops")
+                          nbytes=nbytes, rate=regularizer_rate(alt, device))
         if "step" in groups:
             for alt in STEP_ALTERNATIVES:
                 timed("step", model, alt, lambda: step_case(model, alt, p, device))
@@ -156,6 +170,14 @@ def _meta(p: Preset, device: torch.device) -> dict:
         "svdkern_backend": _auto_backend(device),
         "command": "python -m " + " ".join(["bench.report", *sys.argv[1:]]),
     }
+
+
+def regularizer_rate(alternative: str, device: torch.device) -> str:
+    """The ceiling a regularizer alternative's floor uses: fp32 without TF32 for IEEE dots,
+    the matrix rate (bf16) for TF32 and bf16 dots (optimistic for TF32, half that rate)."""
+    precision = reference.orthogonality_precision(REGULARIZER_PRECISION.get(alternative, "ieee"),
+                                                  torch.float32, device)
+    return "fp32_ieee_tflops" if precision == "ieee" else "matmul_tflops"
 
 
 def dispatch_path(shape: LayerShape | ConvShape, p: Preset, device: torch.device) -> str:
@@ -194,6 +216,13 @@ def _ms(t: float | None) -> str:
 
 def _x(num: float | None, den: float | None) -> str:
     return "-" if num is None or den is None else f"{num / den:.2f}x"
+
+
+def _table(title: str, header: list[str], cells: list[list[str]], note: str = "") -> list[str]:
+    """A markdown section: title, optional note, one table row per entry of `cells`."""
+    return ([f"## {title}", ""] + ([note, ""] if note else [])
+            + ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(row) + " |" for row in cells] + [""])
 
 
 def _by_case(rows: list[dict], group: str) -> dict[str, dict[str, dict]]:
@@ -269,9 +298,12 @@ def markdown(report: dict) -> str:
     reg = _by_case(rows, "regularizer")
     if reg:
         lines += ["## Regularizer loss + backward over all SVD layers (orthogonality + Hoyer)",
-                  "", "| model | eager loop | compiled loop | svdkern | floor | % of floor "
-                  "| eager/svdkern | compiled/svdkern | share of svdkern training step |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "", "`svdkern` runs the default precision (TF32 on a GPU, IEEE elsewhere); "
+                  "`ieee` and `bf16` the others (docs/SPEC.md section 4).", "",
+                  "| model | eager loop | compiled loop | svdkern ieee | svdkern | svdkern bf16 "
+                  "| floor | % of floor | eager/svdkern | compiled/svdkern "
+                  "| share of svdkern training step |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for case, alts in reg.items():
             k = alts.get("svdkern")
             if k is None or k["time_ms"] is None:
@@ -279,12 +311,36 @@ def markdown(report: dict) -> str:
             step = _t(steps.get(case.split(" ")[0], {}), "svdkern")
             share = "-" if step is None else f"{100 * k['time_ms'] / step:.1f}%"
             lines.append(f"| {case} | {_ms(_t(alts, 'eager loop'))} | "
-                         f"{_ms(_t(alts, 'compiled loop'))} | {_ms(k['time_ms'])} | "
+                         f"{_ms(_t(alts, 'compiled loop'))} | {_ms(_t(alts, 'svdkern ieee'))} | "
+                         f"{_ms(k['time_ms'])} | {_ms(_t(alts, 'svdkern bf16'))} | "
                          f"{_ms(k['floor_ms'])} | {100 * k['floor_fraction']:.1f}% | "
                          f"{_x(_t(alts, 'eager loop'), k['time_ms'])} | "
                          f"{_x(_t(alts, 'compiled loop'), k['time_ms'])} | {share} |")
         lines += ["", "The floor counts the fp32 factors' work at the fp32 rate without TF32 "
-                  "(the kernels' dots are IEEE for fp32).", ""]
+                  "for IEEE dots, at the matrix (bf16) rate for TF32 and bf16 ones.", ""]
+    init = _by_case(rows, "init")
+    if init:
+        lines += _table("A layer built from scratch",
+                        ["layer", "nn.Linear", "two orthogonal_", "SVDLinear",
+                         "SVDLinear / two orthogonal_"],
+                        [[case, _ms(_t(alts, "nn.Linear")), _ms(_t(alts, "two orthogonal_")),
+                          _ms(_t(alts, "SVDLinear")),
+                          _x(_t(alts, "SVDLinear"), _t(alts, "two orthogonal_"))]
+                         for case, alts in init.items()])
+    tradeoffs = _by_case(rows, "tradeoffs")
+    if tradeoffs:
+        lines += _table(
+            "Chain tradeoffs (forward + backward, with a bias)",
+            ["layer", "n x m", "r", "rows", "dense", "chain", "chain, bias apart",
+             "apart / chain", "chain / dense"],
+            [[f["layer"], f"{f['n']} x {f['m']}", str(f["rank"]), str(f["rows"]),
+              _ms(_t(alts, "dense")), _ms(_t(alts, "chain")), _ms(_t(alts, "chain, bias apart")),
+              _x(_t(alts, "chain, bias apart"), _t(alts, "chain")),
+              _x(_t(alts, "chain"), _t(alts, "dense"))]
+             for alts in tradeoffs.values() for f in [next(iter(alts.values()))]],
+            "`chain`: the bias in the last GEMM's epilogue (svdkern's chain); `chain, bias "
+            "apart`: a separate add over y, as before; ranks above 128 run the chain "
+            "(docs/SPEC.md section 3).")
     if steps:
         lines += ["## Training step (forward, backward, regularizer, Adam)", "",
                   "| model | dense | SVD reference | svdkern | svdkern/dense time "

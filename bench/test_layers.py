@@ -2,18 +2,25 @@
 import pytest
 import torch
 
-from .cases import (LAYER_ALTERNATIVES, ConvShape, LayerShape, crossover_case, crossover_paths,
-                    crossover_shapes, layer_case, layer_shapes)
+from .cases import (INIT_ALTERNATIVES, LAYER_ALTERNATIVES, TRADEOFF_ALTERNATIVES, ConvShape,
+                    LayerShape, crossover_case, crossover_paths, crossover_shapes, init_case,
+                    layer_case, layer_shapes, tradeoff_case, tradeoff_shapes)
 from .config import preset_from_env
 
 SHAPES = layer_shapes(preset_from_env())
 
 
-@pytest.mark.parametrize("alternative", LAYER_ALTERNATIVES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.id)
-def test_layer_forward_backward(benchmark, shape, alternative, preset, device):
-    benchmark.group = f"layer {shape.id}"
-    y, dx = benchmark(layer_case(shape, alternative, preset, device))
+TRADEOFFS = tradeoff_shapes(preset_from_env())
+# (case builder, shape, alternative): the layer group, then the tradeoffs group (biased)
+LAYER_CASES = ([(layer_case, s, a) for s in SHAPES for a in LAYER_ALTERNATIVES]
+               + [(tradeoff_case, s, a) for s in TRADEOFFS for a in TRADEOFF_ALTERNATIVES])
+
+
+@pytest.mark.parametrize("build,shape,alternative", LAYER_CASES,
+                         ids=[f"{b.__name__}-{s.id}-{a}" for b, s, a in LAYER_CASES])
+def test_layer_forward_backward(benchmark, build, shape, alternative, preset, device):
+    benchmark.group = f"{build.__name__} {shape.id}"
+    y, dx = benchmark(build(shape, alternative, preset, device))
     assert y.shape == (shape.rows, shape.m) and dx.shape == (shape.rows, shape.n)
 
 
@@ -31,6 +38,19 @@ def test_layer_alternatives_agree(shape, preset, device):
     for alternative, (y, dx) in results.items():
         torch.testing.assert_close(y, y0, rtol=tol, atol=tol, msg=alternative)
         torch.testing.assert_close(dx, dx0, rtol=tol, atol=tol, msg=alternative)
+
+
+def test_tradeoff_alternatives_agree(preset, device):
+    """Dense, the chain with the bias in its GEMM and the chain with it apart compute the
+    same output and input gradient, at a rank the fused kernel holds and at one past it."""
+    assert any(s.rank <= 128 for s in TRADEOFFS) and any(s.rank > 128 for s in TRADEOFFS)
+    tol = 1e-4 if device.type == "cpu" else 5e-3
+    for shape in (TRADEOFFS[0], TRADEOFFS[-1]):
+        y0, dx0 = tradeoff_case(shape, "dense", preset, device)()
+        for alternative in TRADEOFF_ALTERNATIVES[1:]:
+            y, dx = tradeoff_case(shape, alternative, preset, device)()
+            torch.testing.assert_close(y, y0, rtol=tol, atol=tol, msg=alternative)
+            torch.testing.assert_close(dx, dx0, rtol=tol, atol=tol, msg=alternative)
 
 
 CROSSOVER = crossover_shapes(preset_from_env())
@@ -126,3 +146,11 @@ def test_a_model_whose_svd_form_fails_still_times_its_other_groups(preset, devic
     groups = [(r["group"], bool(r.get("error"))) for r in report["results"]]
     assert ("regularizer", True) in groups and ("inference", False) in groups
     assert "out of memory (simulated)" in report_module.markdown(report)
+
+
+@pytest.mark.parametrize("alternative", INIT_ALTERNATIVES)
+def test_layer_from_scratch(benchmark, alternative, device):
+    """Building a square layer (256 here; the report times 1024 and 4096)."""
+    benchmark.group = "init 256x256"
+    out = benchmark(init_case(256, alternative, device))
+    assert torch.isfinite(out).all()

@@ -21,7 +21,10 @@ def test_model_case(benchmark, model, group, alternative, build, preset, device)
 
 @pytest.mark.parametrize("model", MODELS)
 def test_regularizer_alternatives_agree(model, preset, device):
-    """Eager loop, compiled loop and svdkern compute the same regularizer value."""
-    values = [regularizer_case(model, alt, preset, device)() for alt in REGULARIZER_ALTERNATIVES]
-    for value in values[1:]:
-        torch.testing.assert_close(value, values[0], rtol=1e-4, atol=1e-5)
+    """Eager loop, compiled loop and svdkern compute the same regularizer value, within
+    each precision's error (docs/SPEC.md section 4)."""
+    values = {alt: regularizer_case(model, alt, preset, device)() for alt in REGULARIZER_ALTERNATIVES}
+    exact = values["eager loop"]
+    for alt, value in values.items():
+        rtol = {"svdkern": 1e-3, "svdkern bf16": 5e-3}.get(alt, 1e-4)
+        torch.testing.assert_close(value, exact, rtol=rtol, atol=1e-5, msg=alt)

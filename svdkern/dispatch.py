@@ -160,8 +160,28 @@ def linear_plan(x: Tensor, U: Tensor, V: Tensor) -> Plan:
     why = ("a torch.func transform is active (the fused op has no functorch rules)"
            if backend.func_transform_active() else
            "Triton cannot run on this device" if engine != "triton" else
-           f"rank {r} > {MAX_FUSED_RANK} or dtype {x.dtype} is beyond the fused kernel")
+           f"dtype {x.dtype} is beyond the fused kernel" if x.dtype not in FUSED_DTYPES else
+           _beyond_on_chip_rank(n, r))
     return Plan("chain", f"factorized chain {fewer}; {why}", chain, mat)
+
+
+def rank_tiling_bytes(n: int, r: int) -> tuple[int, int]:
+    """Per input row, in elements: (what a kernel holding `MAX_FUSED_RANK` ranks on chip at
+    a time would read beyond the chain: `x` once more per further rank tile, what the chain
+    moves that the fused kernel does not: `h = x V` written and read once). Both paths do
+    the same FLOPs; this is the whole difference in traffic (docs/SPEC.md section 3)."""
+    tiles = -(-r // MAX_FUSED_RANK)
+    return (tiles - 1) * n, 2 * r
+
+
+def _beyond_on_chip_rank(n: int, r: int) -> str:
+    """Why a rank past the on-chip limit runs the chain, in bytes."""
+    tiled, chain = rank_tiling_bytes(n, r)
+    verdict = ("so the chain's two GEMMs move fewer bytes" if chain <= tiled else
+               "a rank-tiled kernel would move fewer bytes here, but none is built")
+    return (f"rank {r} > {MAX_FUSED_RANK} (the ranks the fused kernel holds on chip): tiling "
+            f"the rank would read x {-(-r // MAX_FUSED_RANK)} times, {tiled} more elements "
+            f"per row, against the {chain} per row the chain spends on h = x V; {verdict}")
 
 
 def _per_row(flops_at) -> tuple[int, int]:

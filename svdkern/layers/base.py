@@ -156,7 +156,10 @@ class SVDLayer(nn.Module):
     def _reinsert_parameters(self) -> None:
         """Re-insert the parameter entries (same objects, same order) after their shapes
         changed: torch.compile before torch 2.13 guards a module's parameters through its
-        parameter dict, not their shapes, and would rerun a graph built for the old ranks."""
+        parameter dict, not their shapes, and would rerun a graph built for the old ranks
+        (seen with torch 2.11: Inductor crashed). No public API invalidates those guards for
+        one module (`torch.compiler.reset()` would drop every compiled graph of the process);
+        refilling the dict with the same entries is the change that was seen to work."""
         params = dict(self._parameters)
         self._parameters.clear()
         self._parameters.update(params)
