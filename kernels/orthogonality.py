@@ -84,10 +84,12 @@ def _operand(t, ROUND: tl.constexpr):
         return t.to(tl.bfloat16)
     elif ROUND == "tf32":
         bits = t.to(tl.int32, bitcast=True)
-        return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        return tl.where(t != t, t, rounded)  # a NaN's payload could carry it to 0 or inf
     elif ROUND == "bf16 emulated":
         bits = t.to(tl.int32, bitcast=True)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        return tl.where(t != t, t, rounded)
     else:
         return t
 

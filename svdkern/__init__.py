@@ -14,14 +14,14 @@ from .compress.export import export
 from .compress.pruning import PruneRecord, prune
 from .compress.summary import ModelSummary, summary
 from .dispatch import Plan, explain
-from .layers import SVDConv2d, SVDLayer, SVDLinear, cached, svd_layers
+from .layers import SVDConv1D, SVDConv2d, SVDLayer, SVDLinear, cached, svd_layers
 from .methods.svd_training import SVDRegularizer, SVDTraining, WithRegularizer
 from .methods.trp import TRP
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ModelSummary", "Plan", "PruneRecord", "SVDConv2d", "SVDLayer", "SVDLinear", "SVDRegularizer",
+    "ModelSummary", "Plan", "PruneRecord", "SVDConv1D", "SVDConv2d", "SVDLayer", "SVDLinear", "SVDRegularizer",
     "SVDTraining", "TRP", "WithRegularizer", "backend", "cached", "decompose", "explain", "export", "load",
     "load_compressed", "ops", "prune", "prune_distributed", "reference", "save",
     "save_compressed", "summary", "svd_layers",

@@ -97,8 +97,9 @@ def factorization_pays(rows: int, cols: int, r: int) -> bool:
 BY_SIZES, BY_LARGE_BATCH, BY_DEFAULT = "sizes", "large-batch limit", "default"
 _FEWER = {BY_SIZES: "costs fewer FLOPs",
           BY_LARGE_BATCH: "costs fewer FLOPs at large batch (symbolic sizes)",
-          BY_DEFAULT: "runs: the FLOP counts are symbolic even per batch row, so nothing "
-                      "settles the comparison and the chain (no m x n buffer) is the default"}
+          BY_DEFAULT: "the default: the FLOP counts are symbolic even per batch row, so "
+                      "nothing settles the comparison and the factorized form (no dense "
+                      "weight buffer) runs"}
 
 
 def cheaper(chain: int, materialized: int,
@@ -161,27 +162,28 @@ def linear_plan(x: Tensor, U: Tensor, V: Tensor) -> Plan:
            if backend.func_transform_active() else
            "Triton cannot run on this device" if engine != "triton" else
            f"dtype {x.dtype} is beyond the fused kernel" if x.dtype not in FUSED_DTYPES else
-           _beyond_on_chip_rank(n, r))
+           _beyond_on_chip_rank(n, m, r))
     return Plan("chain", f"factorized chain {fewer}; {why}", chain, mat)
 
 
-def rank_tiling_bytes(n: int, r: int) -> tuple[int, int]:
+def rank_tiling_bytes(n: int, m: int, r: int) -> tuple[int, int]:
     """Per input row, in elements: (what a kernel holding `MAX_FUSED_RANK` ranks on chip at
-    a time would read beyond the chain: `x` once more per further rank tile, what the chain
-    moves that the fused kernel does not: `h = x V` written and read once). Both paths do
-    the same FLOPs; this is the whole difference in traffic (docs/SPEC.md section 3)."""
+    a time, with no more FLOPs, would move beyond the chain: per further rank tile, `x` read
+    again and the partial `y` read and written again; what the chain moves that the fused
+    kernel does not: `h = x V` written and read once). Both do the same FLOPs. As `r <=
+    min(n, m)`, the first is at least `n + 2 m >= 3 r`, more than the chain's `2 r`, whenever
+    the rank needs tiles (docs/SPEC.md section 3)."""
     tiles = -(-r // MAX_FUSED_RANK)
-    return (tiles - 1) * n, 2 * r
+    return (tiles - 1) * (n + 2 * m), 2 * r
 
 
-def _beyond_on_chip_rank(n: int, r: int) -> str:
+def _beyond_on_chip_rank(n: int, m: int, r: int) -> str:
     """Why a rank past the on-chip limit runs the chain, in bytes."""
-    tiled, chain = rank_tiling_bytes(n, r)
-    verdict = ("so the chain's two GEMMs move fewer bytes" if chain <= tiled else
-               "a rank-tiled kernel would move fewer bytes here, but none is built")
+    tiled, chain = rank_tiling_bytes(n, m, r)
     return (f"rank {r} > {MAX_FUSED_RANK} (the ranks the fused kernel holds on chip): tiling "
-            f"the rank would read x {-(-r // MAX_FUSED_RANK)} times, {tiled} more elements "
-            f"per row, against the {chain} per row the chain spends on h = x V; {verdict}")
+            f"the rank would move x and the partial y {-(-r // MAX_FUSED_RANK)} times, {tiled} "
+            f"more elements per row, against the {chain} per row the chain spends on "
+            "h = x V, so the chain's two GEMMs move fewer bytes")
 
 
 def _per_row(flops_at) -> tuple[int, int]:

@@ -170,21 +170,31 @@ def dot_operand(M: Tensor, precision: str) -> Tensor:
     """`M` as a dot of `precision` reads it: IEEE as is; TF32 rounded to 10 mantissa bits
     (to nearest, ties away from zero, as cvt.rna.tf32 does: the kernels round so, then the
     tensor cores' dropping of the low bits changes nothing); bf16 to 7 (ties to even).
-    The rounding is straight-through for autograd (the gradient is the rounded dot's), and
-    applies to values as fp32 holds them (an fp64 copy of fp32 data rounds the same)."""
+    Rounded on the fp32 bits with integer ops, as the kernels do (a cast round trip would
+    be folded away by torch.compile), NaNs kept; straight-through for autograd (the
+    gradient is the rounded dot's); applies to values as fp32 holds them (an fp64 copy of
+    fp32 data rounds the same)."""
     if precision == "ieee":
         return M
     v = M.detach().float()
-    if precision == "bf16":
-        rounded = v.to(torch.bfloat16).float()
+    bits = v.view(torch.int32)
+    if precision == "tf32":
+        rounded = ((bits + 0x1000) & -8192).view(torch.float32)
+    elif precision == "bf16":
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).view(torch.float32)
     else:
-        rounded = ((v.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
-    return M + (rounded.to(M.dtype) - M.detach())
+        raise ValueError(f"dot_operand: precision must be one of {PRECISIONS}, got {precision!r}")
+    straight_through = M + (rounded.to(M.dtype) - M.detach())
+    return torch.where(torch.isfinite(M), straight_through, M)  # inf and NaN as they are
 
 
 def orthogonality_loss(mats: Sequence[Tensor], precision: str = "ieee") -> Tensor:
     """`sum_M ||M^T M - I||_F^2 / r^2` over 2-D matrices M (m x r), with the Gram's inputs
-    read at `precision` (`dot_operand`) and accumulated in M's dtype (fp32 at least)."""
+    read at `precision` (`dot_operand`; one of `PRECISIONS`, resolved) and accumulated in
+    M's dtype (fp32 at least)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"orthogonality_loss: precision must be one of {PRECISIONS} here (None "
+                         f"is resolved by svdkern.ops.orthogonality_loss), got {precision!r}")
     total = None
     for M in mats:
         M = M.float() if M.dtype in (torch.float16, torch.bfloat16) else M
@@ -334,22 +344,32 @@ def marchenko_pastur_quantiles(p: int, c: float, points: int = 4097) -> Tensor:
 
 
 def default_init_factors(groups: int, rows: int, cols: int, fan_in: int, rank: int,
-                         device=None, dtype=None) -> tuple[Tensor, Tensor, Tensor]:
-    """Factors (g, rows, r), (g, r), (g, cols, r) distributed as the SVD of PyTorch's default
-    weight init (`kaiming_uniform_(a=sqrt(5))`: iid U(-b, b), b = 1/sqrt(fan_in)) with no SVD
-    taken: orthonormal `U`, `V` from QR of Gaussians (Haar-distributed, as the singular
-    vectors of an iid matrix are) and `s` at the Marchenko-Pastur quantiles of that
-    matrix's spectrum (the largest `rank`)."""
+                         device=None, dtype=None, variance: float | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """Factors (g, rows, r), (g, r), (g, cols, r) distributed as the SVD of a weight init of
+    iid entries of `variance` (default: PyTorch's `kaiming_uniform_(a=sqrt(5))`, U(-b, b),
+    b = 1/sqrt(fan_in), variance 1/(3 fan_in)) with no SVD taken: orthonormal `U`, `V` from
+    QR of Gaussians (Haar-distributed, as the singular vectors of an iid matrix are) and `s`
+    at the Marchenko-Pastur quantiles of that matrix's spectrum (the largest `rank`)."""
     factory = dict(device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
     p, q = min(rows, cols), max(rows, cols)
     if p == 0 or fan_in == 0:
         return (torch.zeros(groups, rows, rank, **factory), torch.zeros(groups, rank, **factory),
                 torch.zeros(groups, cols, rank, **factory))
-    sigma2 = 1.0 / (3.0 * fan_in)
+    sigma2 = 1.0 / (3.0 * fan_in) if variance is None else variance
     s = (sigma2 * q * marchenko_pastur_quantiles(p, p / q)[:rank]).sqrt()
-    U = torch.linalg.qr(torch.randn(groups, rows, rank, **factory)).Q
-    V = torch.linalg.qr(torch.randn(groups, cols, rank, **factory)).Q
-    return U, s.to(**factory).expand(groups, rank).contiguous(), V
+    return (_haar_columns(groups, rows, rank, factory), s.to(**factory).expand(groups, rank).contiguous(),
+            _haar_columns(groups, cols, rank, factory))
+
+
+def _haar_columns(groups: int, rows: int, rank: int, factory: dict) -> Tensor:
+    """(g, rows, rank) orthonormal columns, Haar-distributed: QR of Gaussians with the signs
+    of R's diagonal folded back into Q (LAPACK's convention fixes them otherwise), in fp32
+    at least (QR has no fp16/bf16 kernels), then cast."""
+    work = torch.promote_types(factory["dtype"], torch.float32)
+    Q, R = torch.linalg.qr(torch.randn(groups, rows, rank, device=factory["device"], dtype=work))
+    signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    return (Q * torch.where(signs == 0, 1.0, signs).unsqueeze(-2)).to(factory["dtype"])
 
 
 def svd_factors(mat: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -77,7 +77,6 @@ class Tied(nn.Module):
     (instance_forward, "0: Linear has its own forward"),
     (lambda: nn.Sequential(parametrizations.weight_norm(nn.Linear(3, 2))), "reparametrized"),
     (lambda: nn.Sequential(parametrizations.spectral_norm(nn.Conv2d(2, 3, 3))), "reparametrized"),
-    (Tied, "head: its weight is tied to emb's"),
 ])
 def test_layers_whose_svd_form_would_differ_are_refused_by_name(build, problem):
     model = build()
@@ -89,6 +88,29 @@ def test_layers_whose_svd_form_would_differ_are_refused_by_name(build, problem):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match=problem):  # TRP would convert them in to_svd()
         svdkern.TRP(model)
+
+
+class TiedWithBody(Tied):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+
+
+def test_tied_weights_stay_dense_with_a_warning_naming_both():
+    """GPT-2's head tied to its embedding: the default call converts the rest and warns;
+    with nothing else to convert it is an error naming the tie; TRP refuses it by name."""
+    model = TiedWithBody()
+    with pytest.warns(UserWarning, match="head .its weight is tied to emb's.*untie them") as seen:
+        svdkern.decompose(model)
+    assert [name for name, _ in svdkern.svd_layers(model)] == ["body"]
+    assert model.head.weight is model.emb.weight
+    assert len([w for w in seen if "left these modules dense" in str(w.message)]) == 1
+    assert "emb (an embedding is a lookup table" in str(seen[0].message)
+    with pytest.raises(ValueError, match="no layer svdkern converts .*head: its weight is tied "
+                                         "to emb's"):
+        svdkern.decompose(Tied())
+    with pytest.raises(ValueError, match="head: its weights are tied to emb's.*skip="):
+        svdkern.TRP(Tied())
 
 
 def test_trp_skips_a_shared_layer_by_any_of_its_names():

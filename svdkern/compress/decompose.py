@@ -1,54 +1,133 @@
-"""`decompose`: replace a model's Linear and Conv2d layers by their exact SVD form."""
+"""`decompose`: replace a model's Linear, Conv2d and transformers Conv1D layers by their exact
+SVD form, naming every matrix it leaves dense."""
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import warnings
 from typing import Callable, Iterable, Iterator
 
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ..layers import SVDConv2d, SVDLinear
+from ..layers import SVDConv1D, SVDConv2d, SVDLayer, SVDLinear, is_conv1d
 from ..reference import SCHEMES
 
 
+def _svd_form(module: nn.Module, scheme: str, label: str) -> SVDLayer:
+    """The exact SVD form of a layer `layer_kind` recognizes."""
+    if isinstance(module, nn.Linear):
+        return SVDLinear.from_dense(module, name=label)
+    if isinstance(module, nn.Conv2d):
+        return SVDConv2d.from_dense(module, scheme=scheme, name=label)
+    return SVDConv1D.from_dense(module, name=label)
+
+
+def layer_kind(module: nn.Module) -> type | None:
+    """The class whose instances svdkern converts that `module` is one of (`nn.Linear`,
+    `nn.Conv2d`, transformers' `Conv1D`), or None."""
+    if is_conv1d(module):
+        return type(module)
+    return next((k for k in (nn.Linear, nn.Conv2d) if isinstance(module, k)), None)
+
+
 def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = ()) -> nn.Module:
-    """Replace every `nn.Linear` / `nn.Conv2d` of `model` (in place) by `SVDLinear` /
-    `SVDConv2d` at full rank, computing the same function, and return the model.
+    """Replace every `nn.Linear`, `nn.Conv2d` and transformers `Conv1D` (GPT-2's linears) of
+    `model` (in place) by `SVDLinear` / `SVDConv2d` / `SVDConv1D` at full rank, computing the
+    same function, and return the model.
 
     `scheme` is "channel" or "spatial" for convs; `skip` holds module names or glob
-    patterns left dense. Every layer is validated and converted before any is swapped in,
-    so a failure leaves the model unchanged. A layer used at several places becomes one SVD
-    layer at all of them; frozen weights, train/eval mode and module hooks carry over. Layers
-    whose SVD form would compute something else are refused by name (`convertible_layers`).
-    A bare Linear/Conv2d model is returned as its SVD layer.
+    patterns left dense (one that matches no module is an error: a typo would skip nothing).
+    Every layer is validated and converted before any is swapped in, so a failure leaves the
+    model unchanged. A layer used at several places becomes one SVD layer at all of them;
+    frozen weights, train/eval mode and module hooks carry over. Layers whose SVD form would
+    compute something else are refused by name (`convertible_layers`). Never silent: one
+    UserWarning names every module holding a matrix (a >= 2-D weight) left dense, with the
+    reason (a weight tied to another module's, as GPT-2's head to its embedding, is left dense
+    there); a model with nothing to convert (and no SVD layer yet: decompose is idempotent)
+    is an error. A bare layer is returned as its SVD layer.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"decompose: unknown scheme {scheme!r}; expected one of {SCHEMES}")
+    _check_patterns_match(model, skip)
+    found = convertible_layers(model, skip, tied="keep dense")
+    left = left_dense(model, skip, [m for _, m in found])
+    already = any(isinstance(m, SVDLayer) for m in model.modules())
+    if not found and not already:
+        reasons = "; ".join(f"{name or '<root>'}: {why}" for name, why in left[:5]) or (
+            "it holds no weight matrix")
+        raise ValueError(f"decompose: {type(model).__name__} has no layer svdkern converts "
+                         f"({reasons})")
     replacements = {}
-    for name, module in convertible_layers(model, skip):
+    for name, module in found:
         with _skip_hint(name or type(module).__name__) as label:
-            replacements[name] = (SVDLinear.from_dense(module, name=label)
-                                  if isinstance(module, nn.Linear) else
-                                  SVDConv2d.from_dense(module, scheme=scheme, name=label))
+            replacements[name] = _svd_form(module, scheme, label)
+    if left:
+        warnings.warn("decompose left these modules dense: " + "; ".join(
+            f"{name or '<root>'} ({why})" for name, why in left), UserWarning, stacklevel=2)
     return replace_modules(model, replacements)
 
 
-def convertible_layers(model: nn.Module, skip: str | Iterable[str] = ()
-                       ) -> list[tuple[str, nn.Module]]:
-    """Every `nn.Linear` / `nn.Conv2d` of `model` (once per instance, by its first path)
-    that `skip` matches at none of its paths, each checked to compute what its SVD form
-    would: a ValueError names a layer whose own `forward` (on its class or the instance)
-    would not run, whose weight is reparametrized (parametrize, weight_norm, spectral_norm)
-    or tied to another module's."""
+def _check_patterns_match(model: nn.Module, skip: str | Iterable[str]) -> None:
+    """A ValueError for a `skip` name or pattern that matches no module of `model`."""
+    patterns = [skip] if isinstance(skip, str) else list(skip)
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        example = next((n for n in names if n), "")
+        raise ValueError(f"decompose: skip {unmatched} matches no module of "
+                         f"{type(model).__name__} (module names look like {example!r})")
+
+
+def left_dense(model: nn.Module, skip: str | Iterable[str],
+               converted: list[nn.Module]) -> list[tuple[str, str]]:
+    """(path, reason) of every module holding a >= 2-D parameter of its own that is neither
+    converted nor skipped by the user."""
+    is_skipped, paths, owners = skip_matcher(skip), module_paths(model), _owners(model)
+    done = {id(m) for m in converted}
+    out = []
+    for name, module in model.named_modules():
+        matrices = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
+        if (not matrices or id(module) in done or isinstance(module, SVDLayer)
+                or any(map(is_skipped, paths[id(module)]))):
+            continue
+        tied = _tied_to(module, paths, owners)
+        if layer_kind(module) is not None and tied:
+            why = (f"its weight is tied to {tied}'s, and an SVD layer would untie them; "
+                   "untie them to convert it")
+        elif isinstance(module, nn.Embedding):
+            why = "an embedding is a lookup table, not a matrix product"
+        else:
+            why = f"svdkern has no SVD form of {type(module).__name__}"
+        out.append((name, why))
+    return out
+
+
+def convertible_layers(model: nn.Module, skip: str | Iterable[str] = (), *,
+                       kinds: tuple[type, ...] | None = None,
+                       tied: str = "refuse") -> list[tuple[str, nn.Module]]:
+    """Every layer svdkern converts (`layer_kind`; TRP passes `kinds`, the dense classes it
+    truncates) of `model` (once per instance, by its first path) that `skip` matches at none
+    of its paths, each checked to compute what its SVD form would: a ValueError names a layer
+    whose own `forward` (on its class or the instance) would not run, or whose weight is
+    reparametrized (parametrize, weight_norm, spectral_norm). A layer whose weight is tied to
+    another module's is refused too, or with `tied="keep dense"` left out (`left_dense` names
+    it)."""
     is_skipped, paths, owners = skip_matcher(skip), module_paths(model), _owners(model)
     found = []
     for name, module in model.named_modules():
-        if (not isinstance(module, (nn.Linear, nn.Conv2d))
+        kind = layer_kind(module)
+        if (kind is None or (kinds is not None and not issubclass(kind, kinds))
                 or any(map(is_skipped, paths[id(module)]))):
             continue
         with _skip_hint(name or type(module).__name__) as label:
-            _check_convertible(label, module, paths, owners)
+            _check_convertible(label, module, kind)
+            other = _tied_to(module, paths, owners)
+            if other is not None:
+                if tied == "keep dense":
+                    continue
+                raise ValueError(f"{label}: its weights are tied to {other}'s; an SVD layer "
+                                 "would untie them")
         found.append((name, module))
     return found
 
@@ -62,24 +141,35 @@ def _skip_hint(label: str) -> Iterator[str]:
         raise ValueError(f"{exc} (pass skip=[{label!r}] to keep this layer dense)") from exc
 
 
-def _check_convertible(label: str, module: nn.Module, paths: dict[int, list[str]],
-                       owners: dict[int, set[int]]) -> None:
+def _check_convertible(label: str, module: nn.Module, kind: type) -> None:
     """A ValueError if `module`'s SVD form would not compute what `module` computes now."""
-    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
-    own = [f for f in ("forward", "_conv_forward") if f in vars(module) or
-           (hasattr(base, f) and getattr(type(module), f) is not getattr(base, f))]
+    own = [f for f in ("forward", "_conv_forward") if _own_method(module, kind, f)]
     if own:
         raise ValueError(f"{label}: {type(module).__name__} has its own {own[0]}, which its "
                          f"SVD form would not run")
     if parametrize.is_parametrized(module) or not isinstance(module.weight, nn.Parameter):
         raise ValueError(f"{label}: its weight is reparametrized (torch.nn.utils.parametrize, "
                          "weight_norm, spectral_norm); the SVD form would drop that")
-    for pname, param in (("weight", module.weight), ("bias", module.bias)):
-        others = [p for m_id in owners.get(id(param), ()) if m_id != id(module)
-                  for p in paths[m_id][:1]]
-        if others:
-            raise ValueError(f"{label}: its {pname} is tied to {others[0] or 'the model'}'s; "
-                             "an SVD layer would untie them")
+
+
+def _own_method(module: nn.Module, kind: type, name: str) -> bool:
+    """Whether `module` runs its own `name` rather than `kind`'s: one set on the instance
+    (a bound method of its own class's function, as accelerate's `remove_hook` leaves, is
+    not its own) or a subclass's."""
+    if name in vars(module):
+        bound = vars(module)[name]
+        return getattr(bound, "__func__", None) is not getattr(type(module), name, None)
+    return hasattr(kind, name) and getattr(type(module), name) is not getattr(kind, name)
+
+
+def _tied_to(module: nn.Module, paths: dict[int, list[str]],
+             owners: dict[int, set[int]]) -> str | None:
+    """The path of another module holding one of `module`'s own parameters, or None."""
+    for param in module.parameters(recurse=False):
+        for m_id in owners.get(id(param), ()):
+            if m_id != id(module):
+                return paths[m_id][0] or "the model"
+    return None
 
 
 def _owners(model: nn.Module) -> dict[int, set[int]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ..layers import SVDLinear, conv_spec, svd_layers
+from ..layers import SVDConv1D, SVDLinear, conv_spec, is_conv1d, svd_layers
 from ..reference import ConvSpec
 from .decompose import module_paths, replace_modules
 from .export import conv_pair, export, linear_pair
@@ -55,8 +55,8 @@ def _describe(layer, exported: nn.Module) -> dict:
     form = "lowrank" if isinstance(exported, nn.Sequential) else "dense"
     entry = {"form": form, "rank": layer.rank, "bias": layer.bias is not None}
     if isinstance(layer, SVDLinear):
-        entry.update(kind="linear", in_features=layer.in_features,
-                     out_features=layer.out_features)
+        entry.update(kind="conv1d" if isinstance(layer, SVDConv1D) else "linear",
+                     in_features=layer.in_features, out_features=layer.out_features)
     else:
         entry.update(kind="conv2d", **{k: list(v) if isinstance(v, tuple) else v
                                        for k, v in layer.spec._asdict().items()})
@@ -116,6 +116,10 @@ def _checked_layer(name: str, model: nn.Module, entry: dict) -> nn.Module:
     if entry["kind"] == "linear":
         kind, want = nn.Linear, (entry["in_features"], entry["out_features"])
         have = (dense.in_features, dense.out_features) if isinstance(dense, kind) else None
+    elif entry["kind"] == "conv1d":  # transformers' Conv1D: nx in, nf out
+        kind, want = type(dense) if is_conv1d(dense) else None, (entry["in_features"],
+                                                                 entry["out_features"])
+        have = (dense.nx, dense.nf) if is_conv1d(dense) else None
     else:
         spec = _saved_spec(entry)
         kind, want = nn.Conv2d, tuple(spec[:-1])
@@ -123,7 +127,8 @@ def _checked_layer(name: str, model: nn.Module, entry: dict) -> nn.Module:
     if have != want or (dense.bias is not None) != entry["bias"]:
         found = type(dense).__name__ + (f" {have} (bias {dense.bias is not None})"
                                         if have is not None else "")
-        raise ValueError(f"load_compressed: layer {label} is a {found}, but a {kind.__name__} "
+        expected = "Conv1D" if entry["kind"] == "conv1d" else kind.__name__
+        raise ValueError(f"load_compressed: layer {label} is a {found}, but a {expected} "
                          f"{want} (bias {entry['bias']}) was saved")
     return dense
 
@@ -136,7 +141,7 @@ def _saved_spec(entry: dict) -> ConvSpec:
 def _empty_pair(dense: nn.Module, entry: dict) -> nn.Sequential:
     """The plain pair replacing `dense` (checked), on its device and dtype."""
     factory = dict(device=dense.weight.device, dtype=dense.weight.dtype)
-    if entry["kind"] == "linear":
+    if entry["kind"] in ("linear", "conv1d"):
         return linear_pair(entry["in_features"], entry["out_features"], entry["rank"],
                            entry["bias"], **factory)
     return conv_pair(_saved_spec(entry), entry["rank"], entry["bias"], **factory)

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .. import reference
 from ..reference import ConvSpec
-from ..layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
+from ..layers import SVDConv1D, SVDConv2d, SVDLayer, SVDLinear, svd_layers
 from .decompose import replace_modules
 
 FORMS = ("lowrank", "dense")
@@ -101,10 +101,17 @@ def _factory(layer: SVDLayer) -> dict:
     return dict(device=layer.U.device, dtype=layer.U.dtype)
 
 
-def _linear_dense(layer: SVDLinear) -> nn.Linear:
+def _linear_dense(layer: SVDLinear) -> nn.Module:
+    """The merged layer: an `nn.Linear`, or for an `SVDConv1D` the transformers `Conv1D` it
+    was (the model that held one has transformers)."""
+    trains = _trains(layer.U, layer.s, layer.V)
+    if isinstance(layer, SVDConv1D):
+        from transformers.pytorch_utils import Conv1D
+        dense = Conv1D(layer.nf, layer.nx).to(**_factory(layer))
+        return _fill(dense, layer.weight, layer.bias, trains)
     dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                       **_factory(layer))
-    return _fill(dense, layer.weight, layer.bias, _trains(layer.U, layer.s, layer.V))
+    return _fill(dense, layer.weight, layer.bias, trains)
 
 
 def _linear_lowrank(layer: SVDLinear) -> nn.Sequential:

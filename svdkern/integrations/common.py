@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..methods.svd_training import SVDRegularizer, SVDTraining
-from ..reference import check_prune_rule, check_prune_schedule, check_rank_multiple
+from ..reference import (check_precision, check_prune_rule, check_prune_schedule,
+                         check_rank_multiple)
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,8 @@ class CallbackSettings:
     `strength`), the pruning rule (`energy` or `threshold`, at most one; energy 0.01 when
     neither) and when to prune (`prune_step`: after that optimizer step; `prune_epoch`: at the
     start of that 0-based epoch; neither: never; `prune_step=0` prunes before the first
-    step). After the prune, fine-tuning keeps the orthogonality term and drops sparsity."""
+    step), and the orthogonality term's `precision` (`SVDRegularizer`). After the prune,
+    fine-tuning keeps the orthogonality term and drops sparsity."""
 
     ortho: float = 1.0
     sparsity: str | None = "hoyer"
@@ -28,6 +30,7 @@ class CallbackSettings:
     prune_step: int | None = None
     prune_epoch: int | None = None
     rank_multiple: int = 1
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         """SVDTraining's own checks, run here with no model (it is bound when training
@@ -38,6 +41,7 @@ class CallbackSettings:
             check_prune_rule(who, self.energy, self.threshold)
         check_rank_multiple(who, self.rank_multiple)
         check_prune_schedule(who, self.prune_epoch, self.prune_step)
+        check_precision(who, self.precision)
 
     @property
     def prunes(self) -> bool:
@@ -59,7 +63,8 @@ class CallbackSettings:
                                "svdkern.prune_distributed and wrap the model again")
         return SVDTraining(model, self.ortho, self.sparsity, self.strength, self.energy,
                            self.prune_epoch, rank_multiple=self.rank_multiple,
-                           threshold=self.threshold, prune_step=self.prune_step)
+                           threshold=self.threshold, prune_step=self.prune_step,
+                           precision=self.precision)
 
 
 class SettingsCallback:
@@ -69,9 +74,10 @@ class SettingsCallback:
     def __init__(self, ortho: float = 1.0, sparsity: str | None = "hoyer",
                  strength: float = 0.07, energy: float | None = None,
                  threshold: float | None = None, prune_step: int | None = None,
-                 prune_epoch: int | None = None, rank_multiple: int = 1) -> None:
+                 prune_epoch: int | None = None, rank_multiple: int = 1,
+                 precision: str | None = None) -> None:
         self.settings = CallbackSettings(ortho, sparsity, strength, energy, threshold,
-                                         prune_step, prune_epoch, rank_multiple)
+                                         prune_step, prune_epoch, rank_multiple, precision)
         self.training: SVDTraining | None = None  # bound to the model when training starts
         super().__init__()
 

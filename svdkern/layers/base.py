@@ -9,6 +9,7 @@ Parameter objects, so optimizers and hooks stay attached.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 from typing import Iterator
 
@@ -37,10 +38,13 @@ class SVDLayer(nn.Module):
         """`rank` (None: full), or a ValueError naming the layer when it is out of range."""
         if rank is None:
             return min(rows, cols)
-        if not (isinstance(rank, int) and 1 <= rank <= min(rows, cols)):
-            raise ValueError(f"{self.layer_name}: rank {rank!r} out of range "
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+            raise TypeError(f"{self.layer_name}: rank must be an integer, got "
+                            f"{type(rank).__name__} {rank!r}")
+        if not 1 <= rank <= min(rows, cols):
+            raise ValueError(f"{self.layer_name}: rank {int(rank)} out of range "
                              f"[1, {min(rows, cols)}] for a {rows}x{cols} weight matrix")
-        return rank
+        return int(rank)
 
     def _set_parameters(self, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
                         trainable: bool, bias_trainable: bool) -> None:
@@ -62,31 +66,36 @@ class SVDLayer(nn.Module):
                              bias is not None and bias.requires_grad)
 
     def _init_default(self, groups: int, rows: int, cols: int, fan_in: int, rank: int | None,
-                      bias_size: int | None, device, dtype) -> None:
+                      bias_size: int | None, device, dtype, variance: float | None = None,
+                      bias_bound: float | None = None) -> None:
         """Factors distributed as the SVD of PyTorch's default init of the dense layer, with
         no SVD taken (`reference.default_init_factors`), and the dense layer's default bias
-        U(-1/sqrt(fan_in), 1/sqrt(fan_in)) of `bias_size` entries (None: no bias)."""
+        U(-1/sqrt(fan_in), 1/sqrt(fan_in)) of `bias_size` entries (None: no bias); a layer of
+        another init gives its weights' `variance` and its bias bound (0: zeros)."""
         rank = self._check_rank(rank, rows, cols)
-        U, s, V = reference.default_init_factors(groups, rows, cols, fan_in, rank, device, dtype)
+        U, s, V = reference.default_init_factors(groups, rows, cols, fan_in, rank, device, dtype,
+                                                 variance)
         b = None
         if bias_size is not None:
             b = torch.empty(bias_size, device=device, dtype=U.dtype)
-            bound = 1 / fan_in ** 0.5 if fan_in > 0 else 0.0
+            bound = (1 / fan_in ** 0.5 if fan_in > 0 else 0.0) if bias_bound is None else bias_bound
             nn.init.uniform_(b, -bound, bound)
         self._set_parameters(U, s, V, b, True, True)
 
-    def _reset_default(self, fan_in: int) -> None:
+    def _reset_default(self, fan_in: int, variance: float | None = None,
+                       bias_bound: float | None = None) -> None:
         """Overwrite the factors and bias in place (same storage, for `to_empty()` then
         `reset_parameters()`) with a fresh default init at the current rank."""
         g = self.num_groups
         (rows, cols), r = self.matrix_shape, self.rank
         factors = reference.default_init_factors(g, rows, cols, fan_in, r, self.U.device,
-                                                 self.U.dtype)
+                                                 self.U.dtype, variance)
         with torch.no_grad():
             for param, value in zip((self.U, self.s, self.V), factors):
                 param.copy_(self._from_grouped(value))
             if self.bias is not None:
-                bound = 1 / fan_in ** 0.5 if fan_in > 0 else 0.0
+                bound = ((1 / fan_in ** 0.5 if fan_in > 0 else 0.0) if bias_bound is None
+                         else bias_bound)
                 nn.init.uniform_(self.bias, -bound, bound)
 
     @property
@@ -97,9 +106,10 @@ class SVDLayer(nn.Module):
         store = getattr(_weight_cache, "store", None)
         if store is None:
             return self._dense_weight()
-        if self not in store:
-            store[self] = self._dense_weight()
-        return store[self]
+        key = (self, torch.is_grad_enabled())  # one read under no_grad has no graph to reuse
+        if key not in store:
+            store[key] = self._dense_weight()
+        return store[key]
 
     @weight.setter
     def weight(self, value) -> None:

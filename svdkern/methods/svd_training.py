@@ -119,7 +119,8 @@ class SVDTraining:
 
     `threshold` prunes by the value rule instead of `energy` (exactly one; neither: energy
     0.01; see `svdkern.prune`); `prune_step` prunes after that many optimizer steps
-    (`on_step_end`; 0: before the first) instead of at an epoch; the trainer integrations
+    (`on_step_end`; 0: before the first) instead of at an epoch; `precision` is the
+    orthogonality term's (`SVDRegularizer`); the trainer integrations
     (`svdkern.integrations`) drive it by steps or epochs.
     """
 
@@ -127,7 +128,7 @@ class SVDTraining:
                  strength: float = 0.07, energy: float | None = None,
                  prune_epoch: int | None = None, sparsity_start: int = 0,
                  rank_multiple: int = 1, *, threshold: float | None = None,
-                 prune_step: int | None = None) -> None:
+                 prune_step: int | None = None, precision: str | None = None) -> None:
         if energy is None and threshold is None:
             energy = DEFAULT_TRAINING_ENERGY
         energy, threshold = check_prune_rule("SVDTraining", energy, threshold)
@@ -136,7 +137,7 @@ class SVDTraining:
         if prune_epoch is not None and prune_epoch < sparsity_start:
             raise ValueError(f"SVDTraining: prune_epoch {prune_epoch} comes before "
                              f"sparsity_start {sparsity_start}")
-        self.regularizer = SVDRegularizer(model, ortho, sparsity, strength)
+        self.regularizer = SVDRegularizer(model, ortho, sparsity, strength, precision)
         self.model = model
         self.sparsity = sparsity
         self.energy = energy

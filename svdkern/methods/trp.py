@@ -53,7 +53,7 @@ class TRP:
             raise ValueError(f"TRP: unknown scheme {scheme!r}; expected one of {SCHEMES}")
         check_rank_multiple("TRP", rank_multiple)
         # the layers to_svd() will convert: checked now, as decompose would, by name
-        self.layers = dict(convertible_layers(model, skip))
+        self.layers = dict(convertible_layers(model, skip, kinds=(nn.Linear, nn.Conv2d)))
         if not self.layers:
             raise ValueError("TRP: the model has no nn.Linear or nn.Conv2d layer to truncate")
         self.model = model

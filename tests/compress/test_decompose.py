@@ -1,5 +1,6 @@
 """decompose / SVD layers compute exactly the original function (float64)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -116,3 +117,36 @@ def test_grouped_factors_and_matrices():
     lin = SVDLinear(5, 3)
     assert [t.shape for t in lin.grouped_factors()] == [(1, 3, 3), (1, 3), (1, 5, 3)]
     assert copy.deepcopy(lin).rank == 3
+
+
+def test_never_silent_about_what_stays_dense():
+    """One warning names every module holding a matrix that stays dense, with the reason;
+    a skip that matches nothing and a model with nothing to convert are errors."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.LSTM(8, 8), nn.Embedding(5, 4))
+    with pytest.warns(UserWarning) as seen:
+        svdkern.decompose(model)
+    messages = [str(w.message) for w in seen if "left these modules dense" in str(w.message)]
+    assert len(messages) == 1
+    assert "1 (svdkern has no SVD form of LSTM)" in messages[0]
+    assert "2 (an embedding is a lookup table" in messages[0]
+    assert isinstance(model[0], svdkern.SVDLinear)
+    with pytest.raises(ValueError, match=r"skip \['0.wieght'\] matches no module"):
+        svdkern.decompose(nn.Sequential(nn.Linear(3, 2)), skip=["0.wieght"])
+    with pytest.raises(ValueError, match="LSTM has no layer svdkern converts .*<root>: svdkern has "
+                                         "no SVD form of LSTM"):
+        svdkern.decompose(nn.LSTM(4, 4))
+    quiet = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # skipped by the user: no warning
+        svdkern.decompose(quiet, skip=["1"])
+
+
+def test_a_forward_bound_back_to_its_own_class_is_accepted():
+    """accelerate's remove_hook leaves `forward` on the instance as a bound method of the
+    class's own function: the layer computes what its class does, so it converts."""
+    layer = nn.Linear(5, 3).double()
+    layer.forward = nn.Linear.forward.__get__(layer)
+    model = svdkern.decompose(nn.Sequential(layer))
+    assert isinstance(model[0], svdkern.SVDLinear)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    torch.testing.assert_close(model(x), x @ layer.weight.t() + layer.bias)

@@ -555,3 +555,30 @@ def test_kernels_compile_for_gpu():
     """Every kernel variant compiles for sm_90 as launched (what the interpreter cannot
     check), with its dots on the tensor cores wherever the dtype allows."""
     compile_for_sm90(COMPILE_FOR_SM90)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_rounding_keeps_nan_and_inf(precision, backend_name):
+    """A NaN of any payload (0x7FFFFFFF is a GPU's) stays NaN through the rounding: a
+    diverged factor must not give a finite regularizer."""
+    for bits in (0x7FFFFFFF, -1, 0x7F800001):
+        M = rand_matrices([(16, 8)], torch.float32)[0]
+        M[3, 2] = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+        with backend.use(backend_name):
+            assert torch.isnan(ops.orthogonality_loss([M], precision=precision))
+    M = rand_matrices([(16, 8)], torch.float32)[0]
+    M[0, 0] = float("inf")
+    with backend.use(backend_name):
+        assert not torch.isfinite(ops.orthogonality_loss([M], precision=precision))
+
+
+def test_the_reference_rounds_the_same_under_torch_compile():
+    """bf16 rounding on the fp32 bits: Inductor folds a cast round trip away."""
+    x = torch.tensor([1.0048828125, -3.0009765625])
+    eager = reference.dot_operand(x, "bf16")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: reference.dot_operand(t, "bf16"), fullgraph=True)(x)
+    assert torch.equal(eager, compiled) and eager[0].item() == 1.0078125
+    with pytest.raises(ValueError, match="precision must be one of"):
+        reference.orthogonality_loss([x.reshape(2, 1)], "highest")

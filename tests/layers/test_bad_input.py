@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the layer, and changes nothing."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -28,6 +29,9 @@ def test_construction_errors():
         SVDLinear(5, 4, rank=9)
     with pytest.raises(ValueError, match="rank 0 out of range"):
         SVDLinear(5, 4, rank=0)
+    with pytest.raises(TypeError, match="rank must be an integer, got bool True"):
+        SVDLinear(5, 4, rank=True)
+    assert SVDLinear(5, 4, rank=np.int64(3)).rank == 3  # NumPy integers are integers
     with pytest.raises(ValueError, match="unknown scheme"):
         SVDConv2d(3, 4, 3, scheme="tucker")
     with pytest.raises(ValueError, match="asymmetric"):

@@ -76,3 +76,25 @@ def test_from_scratch_takes_no_svd_and_keeps_the_bias_init(monkeypatch):
     assert layer.bias.abs().max() <= 1 / 40 ** 0.5
     layer.reset_parameters()
     assert layer.s.shape == (7,) and torch.all(layer.s[:-1] >= layer.s[1:])
+
+
+def test_a_weight_read_under_no_grad_is_not_reused_with_gradients():
+    layer = svdkern.SVDLinear.from_dense(nn.Linear(7, 5).double(), rank=3)
+    with svdkern.cached():
+        with torch.no_grad():
+            frozen = layer.weight
+        assert not frozen.requires_grad
+        assert layer.weight.requires_grad and layer.weight is layer.weight
+
+
+def test_from_scratch_in_half_precision_and_haar_signs():
+    """QR runs in fp32 for fp16/bf16 layers; the columns' signs are uniform (QR's own
+    convention fixed them)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        layer = svdkern.SVDLinear(8, 4, dtype=dtype)
+        assert layer.U.dtype == layer.s.dtype == dtype
+        layer.reset_parameters()
+    torch.manual_seed(0)
+    negative = sum(bool(reference.default_init_factors(1, 16, 16, 16, 16)[0][0, 0, 0] < 0)
+                   for _ in range(400))
+    assert 150 < negative < 250  # about half (it was 400 of 400)
