@@ -60,7 +60,7 @@ def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (
                          f"({reasons})")
     replacements = {}
     for name, module in found:
-        with _skip_hint(name or type(module).__name__) as label:
+        with _skip_hint(name, module) as label:
             replacements[name] = _svd_form(module, scheme, label)
     if left:
         warnings.warn("decompose left these modules dense: " + "; ".join(
@@ -104,15 +104,16 @@ def left_dense(model: nn.Module, skip: str | Iterable[str],
 
 
 def convertible_layers(model: nn.Module, skip: str | Iterable[str] = (), *,
-                       kinds: tuple[type, ...] | None = None,
-                       tied: str = "refuse") -> list[tuple[str, nn.Module]]:
+                       kinds: tuple[type, ...] | None = None, tied: str = "refuse",
+                       frozen_unchecked: bool = False) -> list[tuple[str, nn.Module]]:
     """Every layer svdkern converts (`layer_kind`; TRP passes `kinds`, the dense classes it
     truncates) of `model` (once per instance, by its first path) that `skip` matches at none
     of its paths, each checked to compute what its SVD form would: a ValueError names a layer
     whose own `forward` (on its class or the instance) would not run, or whose weight is
     reparametrized (parametrize, weight_norm, spectral_norm). A layer whose weight is tied to
     another module's is refused too, or with `tied="keep dense"` left out (`left_dense` names
-    it)."""
+    it). With `frozen_unchecked`, layers whose weight is frozen are listed unchecked (TRP
+    leaves them alone, and checks one when it is unfrozen, `check_layer`)."""
     is_skipped, paths, owners = skip_matcher(skip), module_paths(model), _owners(model)
     found = []
     for name, module in model.named_modules():
@@ -120,25 +121,49 @@ def convertible_layers(model: nn.Module, skip: str | Iterable[str] = (), *,
         if (kind is None or (kinds is not None and not issubclass(kind, kinds))
                 or any(map(is_skipped, paths[id(module)]))):
             continue
-        with _skip_hint(name or type(module).__name__) as label:
-            _check_convertible(label, module, kind)
-            other = _tied_to(module, paths, owners)
-            if other is not None:
-                if tied == "keep dense":
-                    continue
-                raise ValueError(f"{label}: its weights are tied to {other}'s; an SVD layer "
-                                 "would untie them")
+        if frozen_unchecked and not _trainable(module):
+            found.append((name, module))
+            continue
+        other = _tied_to(module, paths, owners)
+        if other is not None and tied == "keep dense":
+            continue
+        check_layer(name, module, other)
         found.append((name, module))
     return found
 
 
+def _trainable(module: nn.Module) -> bool:
+    """Whether the layer's weight trains (a parametrized one counts as training: it is
+    checked, and refused, without running its parametrization)."""
+    if parametrize.is_parametrized(module):
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.requires_grad
+
+
+def check_layer(name: str, module: nn.Module, tied_to: str | None = None) -> None:
+    """A ValueError naming layer `name` (with how to keep it dense) if its SVD form would
+    not compute what it computes now: its own `forward`, a reparametrized or uninitialized
+    (lazy) weight, or weights tied to `tied_to`'s."""
+    with _skip_hint(name, module) as label:
+        _check_convertible(label, module, layer_kind(module))
+        if tied_to is not None:
+            raise ValueError(f"{label}: its weights are tied to {tied_to}'s; an SVD layer "
+                             "would untie them")
+
+
 @contextlib.contextmanager
-def _skip_hint(label: str) -> Iterator[str]:
-    """Add to a ValueError about layer `label` how to keep it dense."""
+def _skip_hint(name: str, module: nn.Module) -> Iterator[str]:
+    """Add to a ValueError about the layer at path `name` how to keep it dense; yields the
+    label errors name the layer by (its path, or its class for the model itself, which has
+    no path to skip)."""
+    label = name or type(module).__name__
     try:
         yield label
     except ValueError as exc:
-        raise ValueError(f"{exc} (pass skip=[{label!r}] to keep this layer dense)") from exc
+        hint = (f"pass skip=[{name!r}] to keep this layer dense" if name else
+                "it is the model itself: keep it dense rather than convert it")
+        raise ValueError(f"{exc} ({hint})") from exc
 
 
 def _check_convertible(label: str, module: nn.Module, kind: type) -> None:
@@ -147,9 +172,14 @@ def _check_convertible(label: str, module: nn.Module, kind: type) -> None:
     if own:
         raise ValueError(f"{label}: {type(module).__name__} has its own {own[0]}, which its "
                          f"SVD form would not run")
+    # parametrized first: reading its weight would run the parametrization (spectral_norm's
+    # power iteration updates its buffers)
     if parametrize.is_parametrized(module) or not isinstance(module.weight, nn.Parameter):
         raise ValueError(f"{label}: its weight is reparametrized (torch.nn.utils.parametrize, "
                          "weight_norm, spectral_norm); the SVD form would drop that")
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"{label}: {type(module).__name__} is not initialized yet (a lazy "
+                         "module): run one forward pass first, so its weight has a shape")
 
 
 def _own_method(module: nn.Module, kind: type, name: str) -> bool:
@@ -160,6 +190,11 @@ def _own_method(module: nn.Module, kind: type, name: str) -> bool:
         bound = vars(module)[name]
         return getattr(bound, "__func__", None) is not getattr(type(module), name, None)
     return hasattr(kind, name) and getattr(type(module), name) is not getattr(kind, name)
+
+
+def tied_to(model: nn.Module, module: nn.Module) -> str | None:
+    """The path of another module of `model` holding one of `module`'s own parameters."""
+    return _tied_to(module, module_paths(model), _owners(model))
 
 
 def _tied_to(module: nn.Module, paths: dict[int, list[str]],

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from ..compress.decompose import convertible_layers, replace_modules
+from ..compress.decompose import check_layer, convertible_layers, replace_modules, tied_to
 from ..layers import SVDConv2d, SVDLinear, explicit_padding, require_finite
 from ..reference import (SCHEMES, ConvSpec, check_energy, check_rank_multiple,
                         conv_matrix_to_weight, conv_weight_to_matrix, kept_rank)
@@ -53,7 +53,8 @@ class TRP:
             raise ValueError(f"TRP: unknown scheme {scheme!r}; expected one of {SCHEMES}")
         check_rank_multiple("TRP", rank_multiple)
         # the layers to_svd() will convert: checked now, as decompose would, by name
-        self.layers = dict(convertible_layers(model, skip, kinds=(nn.Linear, nn.Conv2d)))
+        self.layers = dict(convertible_layers(model, skip, kinds=(nn.Linear, nn.Conv2d),
+                                              frozen_unchecked=True))
         if not self.layers:
             raise ValueError("TRP: the model has no nn.Linear or nn.Conv2d layer to truncate")
         self.model = model
@@ -65,12 +66,21 @@ class TRP:
         self.specs = {name: _spec(name, m, scheme) for name, m in self.layers.items()
                       if isinstance(m, nn.Conv2d)}
         self.steps = 0
+        self._checked: set[str] = set()
+        self.trained()  # the trainable layers are checked now, by name
         self.ranks: dict[str, int] = {name: min(self.matrices(name).shape[-2:])
                                       for name in self.layers}
 
     def trained(self) -> list[str]:
-        """The layers TRP drives: those whose weight is not frozen."""
-        return [name for name, layer in self.layers.items() if layer.weight.requires_grad]
+        """The layers TRP drives: those whose weight is not frozen, each checked (as decompose
+        would check it) the first time it trains, so a layer unfrozen later is checked then."""
+        names = [name for name, layer in self.layers.items() if layer.weight.requires_grad]
+        for name in names:
+            if name not in self._checked:
+                layer = self.layers[name]
+                check_layer(name, layer, tied_to(self.model, layer))
+                self._checked.add(name)
+        return names
 
     # ------------------------------------------------------------------ matrices
     def matrices(self, name: str, weight: Tensor | None = None) -> Tensor:

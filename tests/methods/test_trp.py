@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import svdkern
 from svdkern import TRP, SVDConv2d, SVDLinear, export, svd_layers
 from svdkern.reference import ConvSpec, conv_matrix_to_weight, conv_weight_to_matrix
 
@@ -168,3 +169,25 @@ def test_non_finite_weight_is_an_error_naming_the_layer(bad):
 def test_energy_may_be_any_real_number(energy):
     """NumPy scalars and one-element tensors are numbers (they were refused as out of range)."""
     assert TRP(nn.Linear(3, 3), energy=energy).energy == pytest.approx(float(energy))
+
+
+def test_lazy_frozen_and_bare_layers_are_named():
+    """An uninitialized lazy layer is refused by name; a frozen layer TRP leaves alone is
+    not checked until it is unfrozen; a bare layer's hint names no path to skip."""
+    with pytest.raises(ValueError, match="0: LazyLinear is not initialized yet.*skip=\\['0'\\]"):
+        TRP(nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2)))
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Doubled(4, 3), nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)
+    trp = TRP(model, period=1)  # the frozen Doubled is left alone, unchecked
+    assert trp.trained() == ["1"]
+    model[0].weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="0: Doubled has its own forward"):
+        trp.trained()
+    with pytest.raises(ValueError, match="it is the model itself") as err:
+        svdkern.decompose(Doubled(4, 3))
+    assert "skip=" not in str(err.value)
