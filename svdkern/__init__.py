@@ -12,7 +12,7 @@ from .compress.deploy import load_compressed, save_compressed
 from .compress.distributed import prune_distributed
 from .compress.export import export
 from .compress.pruning import PruneRecord, prune
-from .compress.summary import ModelSummary, summary
+from .compress.summary import Coverage, ModelSummary, coverage, summary
 from .dispatch import Plan, explain
 from .layers import SVDConv1D, SVDConv2d, SVDLayer, SVDLinear, cached, svd_layers
 from .methods.svd_training import SVDRegularizer, SVDTraining, WithRegularizer
@@ -21,8 +21,8 @@ from .methods.trp import TRP
 __version__ = "0.1.0"
 
 __all__ = [
-    "ModelSummary", "Plan", "PruneRecord", "SVDConv1D", "SVDConv2d", "SVDLayer", "SVDLinear", "SVDRegularizer",
-    "SVDTraining", "TRP", "WithRegularizer", "backend", "cached", "decompose", "explain", "export", "load",
+    "Coverage", "ModelSummary", "Plan", "PruneRecord", "SVDConv1D", "SVDConv2d", "SVDLayer", "SVDLinear", "SVDRegularizer",
+    "SVDTraining", "TRP", "WithRegularizer", "backend", "cached", "coverage", "decompose", "explain", "export", "load",
     "load_compressed", "ops", "prune", "prune_distributed", "reference", "save",
     "save_compressed", "summary", "svd_layers",
 ]

@@ -31,13 +31,18 @@ def layer_kind(module: nn.Module) -> type | None:
     return next((k for k in (nn.Linear, nn.Conv2d) if isinstance(module, k)), None)
 
 
-def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = ()) -> nn.Module:
+def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (), *,
+              include: Iterable[str | type] | None = None, min_size: int = 0) -> nn.Module:
     """Replace every `nn.Linear`, `nn.Conv2d` and transformers `Conv1D` (GPT-2's linears) of
     `model` (in place) by `SVDLinear` / `SVDConv2d` / `SVDConv1D` at full rank, computing the
     same function, and return the model.
 
     `scheme` is "channel" or "spatial" for convs; `skip` holds module names or glob
     patterns left dense (one that matches no module is an error: a typo would skip nothing).
+    `include` (PEFT's `target_modules`: names, glob patterns or module classes) converts only
+    the layers it matches, each entry matching at least one; `min_size` leaves dense the
+    layers whose weight has fewer elements. Layers these leave dense are the user's choice
+    and not warned about.
     Every layer is validated and converted before any is swapped in, so a failure leaves the
     model unchanged. A layer used at several places becomes one SVD layer at all of them;
     frozen weights, train/eval mode and module hooks carry over. Layers whose SVD form would
@@ -49,9 +54,12 @@ def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (
     """
     if scheme not in SCHEMES:
         raise ValueError(f"decompose: unknown scheme {scheme!r}; expected one of {SCHEMES}")
-    _check_patterns_match(model, skip)
-    found = convertible_layers(model, skip, tied="keep dense")
-    left = left_dense(model, skip, [m for _, m in found])
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+        raise ValueError(f"decompose: min_size must be an integer >= 0, got {min_size!r}")
+    _check_patterns_match(model, skip, "skip")
+    chosen = _chooser(model, include, min_size)
+    found = convertible_layers(model, skip, tied="keep dense", chosen=chosen)
+    left = left_dense(model, skip, [m for _, m in found], chosen)
     already = any(isinstance(m, SVDLayer) for m in model.modules())
     if not found and not already:
         reasons = "; ".join(f"{name or '<root>'}: {why}" for name, why in left[:5]) or (
@@ -68,33 +76,57 @@ def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (
     return replace_modules(model, replacements)
 
 
-def _check_patterns_match(model: nn.Module, skip: str | Iterable[str]) -> None:
-    """A ValueError for a `skip` name or pattern that matches no module of `model`."""
-    patterns = [skip] if isinstance(skip, str) else list(skip)
-    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+def _check_patterns_match(model: nn.Module, patterns: str | Iterable, what: str) -> None:
+    """A ValueError for a name, pattern or (for include) class that matches no module."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    named = list(model.named_modules(remove_duplicate=False))
+    unmatched = [p for p in patterns if not any(
+        isinstance(m, p) if isinstance(p, type) else fnmatch.fnmatchcase(n, p)
+        for n, m in named)]
     if unmatched:
-        example = next((n for n in names if n), "")
-        raise ValueError(f"decompose: skip {unmatched} matches no module of "
+        example = next((n for n, _ in named if n), "")
+        shown = [p.__name__ if isinstance(p, type) else p for p in unmatched]
+        raise ValueError(f"decompose: {what} {shown} matches no module of "
                          f"{type(model).__name__} (module names look like {example!r})")
 
 
-def left_dense(model: nn.Module, skip: str | Iterable[str],
-               converted: list[nn.Module]) -> list[tuple[str, str]]:
+def _chooser(model: nn.Module, include: Iterable[str | type] | None, min_size: int):
+    """Whether the user wants the layer at `paths` converted: `include` matches it (by any
+    of its paths, or its class) and its weight holds at least `min_size` elements."""
+    if include is not None:
+        include = [include] if isinstance(include, (str, type)) else list(include)
+        _check_patterns_match(model, include, "include")
+    names = [p for p in include or () if not isinstance(p, type)]
+    kinds = tuple(p for p in include or () if isinstance(p, type))
+
+    def chosen(paths: list[str], module: nn.Module) -> bool:
+        if include is not None and not (isinstance(module, kinds) or any(
+                fnmatch.fnmatchcase(path, p) for path in paths for p in names)):
+            return False
+        weight = dict(module.named_parameters(recurse=False)).get("weight")  # no parametrization run
+        return weight is None or weight.numel() >= min_size
+    return chosen
+
+
+def left_dense(model: nn.Module, skip: str | Iterable[str], converted: list[nn.Module],
+               chosen=None) -> list[tuple[str, str]]:
     """(path, reason) of every module holding a >= 2-D parameter of its own that is neither
-    converted nor skipped by the user."""
+    converted nor left dense by the user (`skip`, or `chosen(paths, module)` False)."""
     is_skipped, paths, owners = skip_matcher(skip), module_paths(model), _owners(model)
     done = {id(m) for m in converted}
     out = []
     for name, module in model.named_modules():
         matrices = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
         if (not matrices or id(module) in done or isinstance(module, SVDLayer)
-                or any(map(is_skipped, paths[id(module)]))):
+                or any(map(is_skipped, paths[id(module)]))
+                or (chosen is not None and not chosen(paths[id(module)], module))):
             continue
         tied = _tied_to(module, paths, owners)
         if layer_kind(module) is not None and tied:
             why = (f"its weight is tied to {tied}'s, and an SVD layer would untie them; "
                    "untie them to convert it")
+        elif layer_kind(module) is not None:
+            why = "svdkern converts it, but it was not converted (skipped, or not decomposed)"
         elif isinstance(module, nn.Embedding):
             why = "an embedding is a lookup table, not a matrix product"
         else:
@@ -105,7 +137,8 @@ def left_dense(model: nn.Module, skip: str | Iterable[str],
 
 def convertible_layers(model: nn.Module, skip: str | Iterable[str] = (), *,
                        kinds: tuple[type, ...] | None = None, tied: str = "refuse",
-                       frozen_unchecked: bool = False) -> list[tuple[str, nn.Module]]:
+                       frozen_unchecked: bool = False, chosen=None
+                       ) -> list[tuple[str, nn.Module]]:
     """Every layer svdkern converts (`layer_kind`; TRP passes `kinds`, the dense classes it
     truncates) of `model` (once per instance, by its first path) that `skip` matches at none
     of its paths, each checked to compute what its SVD form would: a ValueError names a layer
@@ -113,13 +146,15 @@ def convertible_layers(model: nn.Module, skip: str | Iterable[str] = (), *,
     reparametrized (parametrize, weight_norm, spectral_norm). A layer whose weight is tied to
     another module's is refused too, or with `tied="keep dense"` left out (`left_dense` names
     it). With `frozen_unchecked`, layers whose weight is frozen are listed unchecked (TRP
-    leaves them alone, and checks one when it is unfrozen, `check_layer`)."""
+    leaves them alone, and checks one when it is unfrozen, `check_layer`); `chosen(paths,
+    module)` False leaves a layer out (decompose's `include` and `min_size`)."""
     is_skipped, paths, owners = skip_matcher(skip), module_paths(model), _owners(model)
     found = []
     for name, module in model.named_modules():
         kind = layer_kind(module)
         if (kind is None or (kinds is not None and not issubclass(kind, kinds))
-                or any(map(is_skipped, paths[id(module)]))):
+                or any(map(is_skipped, paths[id(module)]))
+                or (chosen is not None and not chosen(paths[id(module)], module))):
             continue
         if frozen_unchecked and not _trainable(module):
             found.append((name, module))

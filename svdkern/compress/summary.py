@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import SVDConv2d, SVDLayer, svd_layers
+from .decompose import left_dense
 
 
 @dataclass(frozen=True)
@@ -131,3 +132,39 @@ def _si(v: int | None) -> str:
 
 def _ratio(a: int | None, b: int | None) -> str:
     return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What of a model is in SVD form: the SVD layers, every other module holding a matrix
+    with why it is dense, and the share of the model's matrix parameters (each tensor once,
+    SVD layers at their dense size) in SVD layers."""
+
+    converted: list[str]
+    left_dense: list[tuple[str, str]]
+    svd_fraction: float
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.converted)} SVD layers hold {100 * self.svd_fraction:.1f}% of the "
+                 f"model's matrix parameters"]
+        lines += [f"  dense: {name or '<root>'}: {why}" for name, why in self.left_dense]
+        return "\n".join(lines)
+
+
+def coverage(model: nn.Module) -> Coverage:
+    """The `Coverage` of `model`, before or after `svdkern.decompose`."""
+    layers = svd_layers(model)
+    left = left_dense(model, (), [layer for _, layer in layers])
+    seen: set[int] = set()
+    svd = sum(layer.num_groups * layer.matrix_shape[0] * layer.matrix_shape[1]
+              for _, layer in layers)
+    other = 0
+    for _, module in model.named_modules():
+        if isinstance(module, SVDLayer):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dim() >= 2 and id(p) not in seen:
+                seen.add(id(p))
+                other += p.numel()
+    total = svd + other
+    return Coverage([name for name, _ in layers], left, svd / total if total else 0.0)

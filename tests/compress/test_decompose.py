@@ -150,3 +150,23 @@ def test_a_forward_bound_back_to_its_own_class_is_accepted():
     assert isinstance(model[0], svdkern.SVDLinear)
     x = torch.randn(2, 5, dtype=torch.float64)
     torch.testing.assert_close(model(x), x @ layer.weight.t() + layer.bias)
+
+
+def test_include_and_min_size_choose_the_layers_without_warnings():
+    """PEFT's target_modules convention: names, globs or classes; every entry must match."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.Conv2d(2, 4, 3), nn.Linear(8, 2),
+                             nn.Sequential(nn.Linear(8, 8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # left dense by the user's choice: no warning
+        by_glob = svdkern.decompose(build(), include=["3.*", "1"])
+        by_class = svdkern.decompose(build(), include=[nn.Conv2d])
+        by_size = svdkern.decompose(build(), min_size=20)
+    assert [n for n, _ in svdkern.svd_layers(by_glob)] == ["1", "3.0"]
+    assert [n for n, _ in svdkern.svd_layers(by_class)] == ["1"]
+    assert [n for n, _ in svdkern.svd_layers(by_size)] == ["0", "1", "3.0"]  # 16-element 2 dense
+    with pytest.raises(ValueError, match=r"include \['attn\*', 'LSTM'\] matches no module"):
+        svdkern.decompose(build(), include=["attn*", nn.LSTM, "0"])
+    with pytest.raises(ValueError, match="min_size must be an integer >= 0"):
+        svdkern.decompose(build(), min_size=-1)

@@ -51,3 +51,18 @@ def test_summary_probe_does_not_touch_batchnorm_or_mode():
     svdkern.summary(model, torch.randn(2, 3, 6, 6), verbose=False)
     assert torch.equal(model[1].running_mean, before) and int(model[1].num_batches_tracked) == 0
     assert model.training
+
+
+def test_coverage_names_what_is_dense_and_the_share_in_svd_form():
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10), nn.LSTM(10, 5))
+    before = svdkern.coverage(model)
+    assert before.converted == [] and before.svd_fraction == 0.0
+    assert [name for name, _ in before.left_dense] == ["0", "1", "2"]
+    with pytest.warns(UserWarning, match="no SVD form of LSTM"):
+        svdkern.decompose(model, skip=["1"])
+    after = svdkern.coverage(model)
+    lstm = 4 * 5 * 10 + 4 * 5 * 5  # weight_ih (20 x 10), weight_hh (20 x 5)
+    assert after.converted == ["0"]
+    assert after.svd_fraction == pytest.approx(100 / (100 + 100 + lstm))
+    assert dict(after.left_dense)["1"].startswith("svdkern converts it, but it was not")
+    assert "1 SVD layers hold" in str(after) and "dense: 2: svdkern has no SVD form" in str(after)
