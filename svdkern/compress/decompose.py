@@ -56,11 +56,16 @@ def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (
         raise ValueError(f"decompose: unknown scheme {scheme!r}; expected one of {SCHEMES}")
     if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
         raise ValueError(f"decompose: min_size must be an integer >= 0, got {min_size!r}")
+    skip = [skip] if isinstance(skip, str) else list(skip)  # read twice below
     _check_patterns_match(model, skip, "skip")
     chosen = _chooser(model, include, min_size)
     found = convertible_layers(model, skip, tied="keep dense", chosen=chosen)
     left = left_dense(model, skip, [m for _, m in found], chosen)
     already = any(isinstance(m, SVDLayer) for m in model.modules())
+    if not found and not already and convertible_layers(model, (), tied="keep dense",
+                                                        frozen_unchecked=True):
+        raise ValueError(f"decompose: skip, include and min_size leave every layer of "
+                         f"{type(model).__name__} that svdkern would convert dense")
     if not found and not already:
         reasons = "; ".join(f"{name or '<root>'}: {why}" for name, why in left[:5]) or (
             "it holds no weight matrix")
@@ -77,17 +82,19 @@ def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (
 
 
 def _check_patterns_match(model: nn.Module, patterns: str | Iterable, what: str) -> None:
-    """A ValueError for a name, pattern or (for include) class that matches no module."""
+    """A ValueError for a name, pattern or (for include) class that matches no module
+    (for include: no layer svdkern converts; a container matched covers its layers)."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    named = list(model.named_modules(remove_duplicate=False))
+    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
+             if what != "include" or layer_kind(m) is not None]
     unmatched = [p for p in patterns if not any(
-        isinstance(m, p) if isinstance(p, type) else fnmatch.fnmatchcase(n, p)
-        for n, m in named)]
+        isinstance(m, p) if isinstance(p, type) else path_matches(n, p) for n, m in named)]
     if unmatched:
         example = next((n for n, _ in named if n), "")
         shown = [p.__name__ if isinstance(p, type) else p for p in unmatched]
-        raise ValueError(f"decompose: {what} {shown} matches no module of "
-                         f"{type(model).__name__} (module names look like {example!r})")
+        kind = "layer svdkern converts" if what == "include" else "module"
+        raise ValueError(f"decompose: {what} {shown} matches no {kind} of "
+                         f"{type(model).__name__} (names look like {example!r})")
 
 
 def _chooser(model: nn.Module, include: Iterable[str | type] | None, min_size: int):
@@ -101,10 +108,12 @@ def _chooser(model: nn.Module, include: Iterable[str | type] | None, min_size: i
 
     def chosen(paths: list[str], module: nn.Module) -> bool:
         if include is not None and not (isinstance(module, kinds) or any(
-                fnmatch.fnmatchcase(path, p) for path in paths for p in names)):
+                path_matches(path, p) for path in paths for p in names)):
             return False
         weight = dict(module.named_parameters(recurse=False)).get("weight")  # no parametrization run
-        return weight is None or weight.numel() >= min_size
+        if weight is None or isinstance(weight, nn.parameter.UninitializedParameter):
+            return True  # checked (and refused by name) by check_layer
+        return weight.numel() // getattr(module, "groups", 1) >= min_size  # per group
     return chosen
 
 
@@ -116,13 +125,18 @@ def left_dense(model: nn.Module, skip: str | Iterable[str], converted: list[nn.M
     done = {id(m) for m in converted}
     out = []
     for name, module in model.named_modules():
-        matrices = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
+        if ".parametrizations." in f".{name}.":
+            continue  # a parametrization's own modules: their layer is reported instead
+        matrices = [p for p in module.parameters(recurse=parametrize.is_parametrized(module))
+                    if isinstance(p, nn.parameter.UninitializedParameter) or p.dim() >= 2]
         if (not matrices or id(module) in done or isinstance(module, SVDLayer)
                 or any(map(is_skipped, paths[id(module)]))
                 or (chosen is not None and not chosen(paths[id(module)], module))):
             continue
         tied = _tied_to(module, paths, owners)
-        if layer_kind(module) is not None and tied:
+        if parametrize.is_parametrized(module):
+            why = "its weight is reparametrized (parametrize, weight_norm, spectral_norm)"
+        elif layer_kind(module) is not None and tied:
             why = (f"its weight is tied to {tied}'s, and an SVD layer would untie them; "
                    "untie them to convert it")
         elif layer_kind(module) is not None:
@@ -219,11 +233,12 @@ def _check_convertible(label: str, module: nn.Module, kind: type) -> None:
 
 def _own_method(module: nn.Module, kind: type, name: str) -> bool:
     """Whether `module` runs its own `name` rather than `kind`'s: one set on the instance
-    (a bound method of its own class's function, as accelerate's `remove_hook` leaves, is
-    not its own) or a subclass's."""
+    (unless it is `kind`'s function bound to this very module, as accelerate's
+    `remove_hook` leaves it) or a subclass's."""
     if name in vars(module):
         bound = vars(module)[name]
-        return getattr(bound, "__func__", None) is not getattr(type(module), name, None)
+        return not (getattr(bound, "__self__", None) is module
+                    and getattr(bound, "__func__", None) is getattr(kind, name, None))
     return hasattr(kind, name) and getattr(type(module), name) is not getattr(kind, name)
 
 
@@ -260,10 +275,24 @@ def module_paths(model: nn.Module) -> dict[int, list[str]]:
     return paths
 
 
+def path_matches(path: str, pattern: str) -> bool:
+    """Whether the module at `path` is named by `pattern`: a glob on its path, or PEFT's
+    `target_modules` rule (the exact path or a `.name` suffix), on the path itself or on a
+    container above it (a container named covers what it holds)."""
+    parts = path.split(".") if path else []
+    for depth in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:depth])
+        if (fnmatch.fnmatchcase(candidate, pattern) or candidate == pattern
+                or candidate.endswith("." + pattern)):
+            return True
+    return path == pattern
+
+
 def skip_matcher(skip: str | Iterable[str]) -> Callable[[str], bool]:
-    """Whether a module name matches `skip`: one or several names or glob patterns."""
+    """Whether a module name matches `skip`: one or several names or glob patterns
+    (`path_matches`)."""
     patterns = [skip] if isinstance(skip, str) else list(skip)
-    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return lambda name: any(path_matches(name, p) for p in patterns)
 
 
 # Module-level hook dicts moved to a replacement layer: the same dict objects, so the

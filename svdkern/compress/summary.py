@@ -163,6 +163,8 @@ def coverage(model: nn.Module) -> Coverage:
         if isinstance(module, SVDLayer):
             continue
         for p in module.parameters(recurse=False):
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                continue  # no size yet (a lazy layer)
             if p.dim() >= 2 and id(p) not in seen:
                 seen.add(id(p))
                 other += p.numel()

@@ -63,22 +63,27 @@ class TRP:
         self.period = period
         self.scheme = scheme
         self.rank_multiple = rank_multiple
-        self.specs = {name: _spec(name, m, scheme) for name, m in self.layers.items()
-                      if isinstance(m, nn.Conv2d)}
+        self.specs: dict[str, ConvSpec] = {}  # conv layers' geometry, once each trains
+        self.ranks: dict[str, int] = {}  # rank of each trained layer's last truncation
         self.steps = 0
         self._checked: set[str] = set()
         self.trained()  # the trainable layers are checked now, by name
-        self.ranks: dict[str, int] = {name: min(self.matrices(name).shape[-2:])
-                                      for name in self.layers}
+        for name, layer in self.layers.items():  # frozen ones keep their full rank
+            if name not in self.ranks and not isinstance(
+                    layer.weight, nn.parameter.UninitializedParameter):
+                self.ranks[name] = min(_matrix_shape(layer, scheme))
 
     def trained(self) -> list[str]:
         """The layers TRP drives: those whose weight is not frozen, each checked (as decompose
         would check it) the first time it trains, so a layer unfrozen later is checked then."""
         names = [name for name, layer in self.layers.items() if layer.weight.requires_grad]
         for name in names:
-            if name not in self._checked:
+            if name not in self._checked:  # frozen layers are never read: left alone
                 layer = self.layers[name]
                 check_layer(name, layer, tied_to(self.model, layer))
+                if isinstance(layer, nn.Conv2d):
+                    self.specs[name] = _spec(name, layer, self.scheme)
+                self.ranks[name] = min(_matrix_shape(layer, self.scheme))
                 self._checked.add(name)
         return names
 
@@ -173,3 +178,12 @@ def _spec(name: str, conv: nn.Conv2d, scheme: str) -> ConvSpec:
     return ConvSpec(conv.in_channels, conv.out_channels, kernel, stride,
                     explicit_padding(name or "Conv2d", conv.padding, kernel, dil, stride),
                     dil, conv.groups, conv.padding_mode, scheme)
+
+
+def _matrix_shape(layer: nn.Module, scheme: str) -> tuple[int, int]:
+    """(rows, cols) of a dense layer's (per-group) weight matrix under `scheme`, from its
+    sizes alone (a frozen layer is never read)."""
+    if isinstance(layer, nn.Conv2d):
+        return ConvSpec(layer.in_channels, layer.out_channels, _pair(layer.kernel_size), (1, 1),
+                        (0, 0), (1, 1), layer.groups, "zeros", scheme).matrix_shape
+    return layer.out_features, layer.in_features

@@ -1,10 +1,12 @@
 """decompose / SVD layers compute exactly the original function (float64)."""
 import copy
+import types
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrizations
 
 import svdkern
 from svdkern import SVDConv2d, SVDLinear, reference
@@ -166,7 +168,47 @@ def test_include_and_min_size_choose_the_layers_without_warnings():
     assert [n for n, _ in svdkern.svd_layers(by_glob)] == ["1", "3.0"]
     assert [n for n, _ in svdkern.svd_layers(by_class)] == ["1"]
     assert [n for n, _ in svdkern.svd_layers(by_size)] == ["0", "1", "3.0"]  # 16-element 2 dense
-    with pytest.raises(ValueError, match=r"include \['attn\*', 'LSTM'\] matches no module"):
+    with pytest.raises(ValueError, match=r"include \['attn\*', 'LSTM'\] matches no layer svdkern converts"):
         svdkern.decompose(build(), include=["attn*", nn.LSTM, "0"])
     with pytest.raises(ValueError, match="min_size must be an integer >= 0"):
         svdkern.decompose(build(), min_size=-1)
+
+
+def test_review_cases_of_matching_and_checking():
+    """Generators, containers, PEFT-style suffixes, forwards bound elsewhere, lazy layers,
+    choices that leave nothing, parametrized layers in the report, min_size per group."""
+    def nested():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 4))
+    model = svdkern.decompose(nested(), skip=(name for name in ["0"]))  # a generator, a container
+    assert [n for n, _ in svdkern.svd_layers(model)] == ["1"]
+    model = svdkern.decompose(nested(), include=["0"])
+    assert [n for n, _ in svdkern.svd_layers(model)] == ["0.0", "0.1"]
+    model = svdkern.decompose(nn.Sequential(nn.ModuleDict({"q_proj": nn.Linear(4, 4)}),
+                                            nn.Linear(4, 4)), include=["q_proj"])  # PEFT suffix
+    assert [n for n, _ in svdkern.svd_layers(model)] == ["0.q_proj"]
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    sub = Doubled(3, 3)
+    sub.forward = types.MethodType(Doubled.forward, sub)  # bound, but the subclass's function
+    other_a, other_b = nn.Linear(3, 3), nn.Linear(3, 3)
+    other_b.forward = other_a.forward  # another layer's method
+    for layer in (sub, other_b):
+        with pytest.raises(ValueError, match="has its own forward"):
+            svdkern.decompose(nn.Sequential(layer))
+    with pytest.raises(ValueError, match="1: LazyLinear is not initialized yet"):
+        svdkern.decompose(nn.Sequential(nn.Linear(4, 4), nn.LazyLinear(4)))
+    assert "1: svdkern converts it" in str(svdkern.coverage(nn.Sequential(nn.Linear(4, 4),
+                                                                          nn.LazyLinear(4))))
+    with pytest.raises(ValueError, match="leave every layer of Sequential that svdkern would "
+                                         "convert dense"):
+        svdkern.decompose(nested(), min_size=10 ** 6)
+    normed = nn.Sequential(nn.Linear(4, 4), parametrizations.weight_norm(nn.Linear(4, 4)))
+    report = svdkern.coverage(normed)
+    assert dict(report.left_dense)["1"].startswith("its weight is reparametrized")
+    assert not any("parametrizations" in name for name, _ in report.left_dense)
+    depthwise = svdkern.decompose(nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Linear(4, 4)),
+                                  min_size=10)  # 9 elements per group: stays dense
+    assert [n for n, _ in svdkern.svd_layers(depthwise)] == ["1"]

@@ -191,3 +191,9 @@ def test_lazy_frozen_and_bare_layers_are_named():
     with pytest.raises(ValueError, match="it is the model itself") as err:
         svdkern.decompose(Doubled(4, 3))
     assert "skip=" not in str(err.value)
+    odd = nn.Sequential(nn.Conv2d(2, 3, 4, padding="same"), nn.Flatten(), nn.LazyLinear(2))
+    odd[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="2: LazyLinear is not initialized"):
+        TRP(odd)  # the trainable lazy layer is named ...
+    odd[2] = nn.Linear(3, 2)
+    assert TRP(odd).trained() == ["2"]  # ... the frozen 'same'-padded conv is never read
