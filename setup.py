@@ -29,7 +29,9 @@ setup(
         "triton": ["triton>=3.0"],
         # CI runs the bench smoke, the app's and the integrations' tests too, and checks
         # svdkern beside a current transformers (which brings PyPI's `kernels` package)
+        # setuptools >= 70.1 builds wheels offline (tests/test_packaging.py builds one)
         "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "triton>=3.0",
+                 "setuptools>=70.1",
                  "transformers>=5.25", *TRANSFORMERS[1:], *LIGHTNING, *DEPLOY, *ONNX, *APP],
         "bench": ["pytest-benchmark>=4", "triton>=3.0"],
     },
