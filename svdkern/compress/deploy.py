@@ -113,21 +113,21 @@ def _checked_layer(name: str, model: nn.Module, entry: dict) -> nn.Module:
     except AttributeError:
         raise ValueError(f"load_compressed: the model has no layer {label} (saved from another "
                          "architecture?)") from None
-    if entry["kind"] == "linear":
-        kind, want = nn.Linear, (entry["in_features"], entry["out_features"])
-        have = (dense.in_features, dense.out_features) if isinstance(dense, kind) else None
-    elif entry["kind"] == "conv1d":  # transformers' Conv1D: nx in, nf out
-        kind, want = type(dense) if is_conv1d(dense) else None, (entry["in_features"],
-                                                                 entry["out_features"])
-        have = (dense.nx, dense.nf) if is_conv1d(dense) else None
-    else:
+    if entry["kind"] == "conv2d":
         spec = _saved_spec(entry)
-        kind, want = nn.Conv2d, tuple(spec[:-1])
-        have = tuple(conv_spec(dense, spec.scheme, label)[:-1]) if isinstance(dense, kind) else None
+        expected, want = "Conv2d", tuple(spec[:-1])
+        have = (tuple(conv_spec(dense, spec.scheme, label)[:-1]) if isinstance(dense, nn.Conv2d)
+                else None)
+    else:  # a linear, or transformers' Conv1D (nx in, nf out)
+        want = (entry["in_features"], entry["out_features"])
+        if entry["kind"] == "conv1d":
+            expected, have = "Conv1D", ((dense.nx, dense.nf) if is_conv1d(dense) else None)
+        else:
+            expected = "Linear"
+            have = (dense.in_features, dense.out_features) if isinstance(dense, nn.Linear) else None
     if have != want or (dense.bias is not None) != entry["bias"]:
         found = type(dense).__name__ + (f" {have} (bias {dense.bias is not None})"
                                         if have is not None else "")
-        expected = "Conv1D" if entry["kind"] == "conv1d" else kind.__name__
         raise ValueError(f"load_compressed: layer {label} is a {found}, but a {expected} "
                          f"{want} (bias {entry['bias']}) was saved")
     return dense

@@ -78,7 +78,7 @@ class SVDLayer(nn.Module):
         b = None
         if bias_size is not None:
             b = torch.empty(bias_size, device=device, dtype=U.dtype)
-            bound = (1 / fan_in ** 0.5 if fan_in > 0 else 0.0) if bias_bound is None else bias_bound
+            bound = _default_bias_bound(fan_in) if bias_bound is None else bias_bound
             nn.init.uniform_(b, -bound, bound)
         self._set_parameters(U, s, V, b, True, True)
 
@@ -94,8 +94,7 @@ class SVDLayer(nn.Module):
             for param, value in zip((self.U, self.s, self.V), factors):
                 param.copy_(self._from_grouped(value))
             if self.bias is not None:
-                bound = ((1 / fan_in ** 0.5 if fan_in > 0 else 0.0) if bias_bound is None
-                         else bias_bound)
+                bound = _default_bias_bound(fan_in) if bias_bound is None else bias_bound
                 nn.init.uniform_(self.bias, -bound, bound)
 
     @property
@@ -248,6 +247,11 @@ class SVDLayer(nn.Module):
         return (r >= 1 and U.shape[:-1] == self.U.shape[:-1] and V.shape[:-1] == self.V.shape[:-1]
                 and s.shape[:-1] == self.s.shape[:-1] and U.shape[-1] == r == V.shape[-1]
                 and r <= min(rows, cols))
+
+
+def _default_bias_bound(fan_in: int) -> float:
+    """PyTorch's default bias init for `nn.Linear` / `nn.Conv2d`: U(-b, b), b = 1/sqrt(fan_in)."""
+    return 1 / fan_in ** 0.5 if fan_in > 0 else 0.0
 
 
 _weight_cache = threading.local()  # .store: layer -> weight inside this thread's cached()

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from ..compress.decompose import check_layer, convertible_layers, replace_modules, tied_to
-from ..layers import SVDConv2d, SVDLinear, explicit_padding, require_finite
+from ..layers import SVDConv2d, SVDLinear, conv_spec, require_finite
 from ..reference import (SCHEMES, ConvSpec, check_energy, check_rank_multiple,
                         conv_matrix_to_weight, conv_weight_to_matrix, kept_rank)
 
@@ -82,7 +82,7 @@ class TRP:
                 layer = self.layers[name]
                 check_layer(name, layer, tied_to(self.model, layer))
                 if isinstance(layer, nn.Conv2d):
-                    self.specs[name] = _spec(name, layer, self.scheme)
+                    self.specs[name] = conv_spec(layer, self.scheme, name or "Conv2d")
                 self.ranks[name] = min(_matrix_shape(layer, self.scheme))
                 self._checked.add(name)
         return names
@@ -171,13 +171,6 @@ class TRP:
                                   if isinstance(layer, nn.Linear) else
                                   SVDConv2d.from_dense(layer, self.scheme, rank=rank, name=label))
         return replace_modules(out, replacements)
-
-
-def _spec(name: str, conv: nn.Conv2d, scheme: str) -> ConvSpec:
-    kernel, dil, stride = _pair(conv.kernel_size), _pair(conv.dilation), _pair(conv.stride)
-    return ConvSpec(conv.in_channels, conv.out_channels, kernel, stride,
-                    explicit_padding(name or "Conv2d", conv.padding, kernel, dil, stride),
-                    dil, conv.groups, conv.padding_mode, scheme)
 
 
 def _matrix_shape(layer: nn.Module, scheme: str) -> tuple[int, int]:
