@@ -14,14 +14,18 @@ from .compress.export import export
 from .compress.pruning import PruneRecord, prune
 from .compress.summary import Coverage, ModelSummary, coverage, summary
 from .dispatch import Plan, explain
-from .layers import SVDConv1D, SVDConv2d, SVDLayer, SVDLinear, cached, svd_layers
+from .layers import (SVDGRU, SVDLSTM, SVDRNN, SVDComposite, SVDConv, SVDConv1D, SVDConv1d,
+                     SVDConv2d, SVDConv3d, SVDLayer, SVDLinear, SVDMultiheadAttention, cached,
+                     svd_layers)
 from .methods.svd_training import SVDRegularizer, SVDTraining, WithRegularizer
 from .methods.trp import TRP
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Coverage", "ModelSummary", "Plan", "PruneRecord", "SVDConv1D", "SVDConv2d", "SVDLayer", "SVDLinear", "SVDRegularizer",
+    "Coverage", "ModelSummary", "Plan", "PruneRecord", "SVDComposite", "SVDConv", "SVDConv1D",
+    "SVDConv1d", "SVDConv2d", "SVDConv3d", "SVDGRU", "SVDLSTM", "SVDLayer", "SVDLinear",
+    "SVDMultiheadAttention", "SVDRNN", "SVDRegularizer",
     "SVDTraining", "TRP", "WithRegularizer", "backend", "cached", "coverage", "decompose", "explain", "export", "load",
     "load_compressed", "ops", "prune", "prune_distributed", "reference", "save",
     "save_compressed", "summary", "svd_layers",

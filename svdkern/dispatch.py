@@ -54,17 +54,17 @@ def _conv_out(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
-def _conv_flops(n_img: int, in_hw: tuple[int, int], out_ch: int, in_per_group: int,
-                kernel: tuple[int, int], geo: dict) -> tuple[int, tuple[int, int]]:
-    """FLOPs and output (h, w) of one conv."""
-    out_hw = tuple(_conv_out(in_hw[i], kernel[i], geo["stride"][i], geo["padding"][i],
-                             geo["dilation"][i]) for i in range(2))
-    return 2 * n_img * out_hw[0] * out_hw[1] * out_ch * in_per_group * kernel[0] * kernel[1], out_hw
+def _conv_flops(n_img: int, in_size: tuple[int, ...], out_ch: int, in_per_group: int,
+                kernel: tuple[int, ...], geo: dict) -> tuple[int, tuple[int, ...]]:
+    """FLOPs and output spatial size of one conv (any number of spatial dims)."""
+    out = tuple(_conv_out(in_size[i], kernel[i], geo["stride"][i], geo["padding"][i],
+                          geo["dilation"][i]) for i in range(len(kernel)))
+    return 2 * n_img * math.prod(out) * out_ch * in_per_group * math.prod(kernel), out
 
 
 def conv_flops(x_shape: tuple[int, ...], spec: ConvSpec, r: int) -> tuple[int, int]:
     """(chain, materialized) forward FLOPs of a factorized conv on input `x_shape`
-    (N, C, H, W) or unbatched (C, H, W)."""
+    (N, C, *spatial) or unbatched (C, *spatial)."""
     chain, dense = conv_chain_and_dense_flops(x_shape, spec, r)
     rows, cols = spec.matrix_shape
     return chain, 2 * spec.groups * rows * cols * r + dense
@@ -73,17 +73,21 @@ def conv_flops(x_shape: tuple[int, ...], spec: ConvSpec, r: int) -> tuple[int, i
 def conv_chain_and_dense_flops(x_shape: tuple[int, ...], spec: ConvSpec,
                                r: int) -> tuple[int, int]:
     """(two thin convs, one dense conv of the same weight) forward FLOPs on `x_shape`."""
-    n_img = x_shape[0] if len(x_shape) == 4 else 1
-    h, w = x_shape[-2:]
+    d = spec.dims
+    n_img = x_shape[0] if len(x_shape) == d + 2 else 1
+    size = tuple(x_shape[-d:])
     g = spec.groups
     c_g = spec.in_channels // g
-    kh, kw = spec.kernel_size
     geo1, geo2 = conv_chain_geometry(spec)
-    k1, k2 = ((kh, kw), (1, 1)) if spec.scheme == "channel" else ((kh, 1), (1, kw))
-    first, mid_hw = _conv_flops(n_img, (h, w), g * r, c_g, k1, geo1)
-    second, _ = _conv_flops(n_img, mid_hw, spec.out_channels, r, k2, geo2)
+    if spec.scheme == "channel":
+        k1, k2 = spec.kernel_size, (1,) * d
+    else:
+        (kh, kw) = spec.kernel_size
+        k1, k2 = (kh, 1), (1, kw)
+    first, mid = _conv_flops(n_img, size, g * r, c_g, k1, geo1)
+    second, _ = _conv_flops(n_img, mid, spec.out_channels, r, k2, geo2)
     full = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation)
-    dense, _ = _conv_flops(n_img, (h, w), spec.out_channels, c_g, (kh, kw), full)
+    dense, _ = _conv_flops(n_img, size, spec.out_channels, c_g, spec.kernel_size, full)
     return first + second, dense
 
 
@@ -194,18 +198,18 @@ def _per_row(flops_at) -> tuple[int, int]:
 
 
 def conv_plan(x: Tensor, U: Tensor, spec: ConvSpec) -> Plan:
-    """The `Plan` of `svd_conv2d` for these shapes (no Triton path: chain or materialized)."""
+    """The `Plan` of `svd_conv` for these shapes (no Triton path: chain or materialized)."""
     chain, mat = conv_flops(tuple(x.shape), spec, U.shape[-1])
     if backend.requested() == "reference":
         return Plan("chain", "SVDKERN_BACKEND=reference", chain, mat)
     path, basis = cheaper(chain, mat, lambda: _per_row(
-        lambda images: conv_flops((images, *x.shape[-3:]), spec, U.shape[-1])))
+        lambda images: conv_flops((images, *x.shape[-1 - spec.dims:]), spec, U.shape[-1])))
     how = "one dense conv on the built weight" if path == "materialized" else "two thin convs"
     return Plan(path, f"{how}: {_FEWER[basis]}", chain, mat)
 
 
 def explain(x: Tensor, U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec | None = None) -> Plan:
-    """Which path `svd_linear` (or `svd_conv2d` when `spec` is given) runs for these
+    """Which path `svd_linear` (or `svd_conv` when `spec` is given) runs for these
     arguments, and why."""
     del s  # the plan depends on shapes, dtype and device only
     return linear_plan(x, U, V) if spec is None else conv_plan(x, U, spec)

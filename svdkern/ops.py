@@ -1,6 +1,6 @@
 """Functional ops of svdkern: the entry points layers and regularizers call.
 
-Each picks its implementation per call: `svd_linear` and `svd_conv2d` by the path
+Each picks its implementation per call: `svd_linear` and `svd_conv` by the path
 `svdkern.dispatch` plans (`explain()` says which and why), the regularizers by the backend
 (`svdkern.backend.resolve`). The Triton modules are imported only when a kernel runs, so
 these ops work without Triton installed.
@@ -39,13 +39,14 @@ def svd_linear(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None =
     return LINEAR_PATHS[dispatch.linear_plan(x, U, V).path](x, U, s, V, bias)
 
 
-# Each path `svd_conv2d` may take, by the name `explain` gives it.
-CONV_PATHS = {"materialized": reference.svd_conv2d_materialized, "chain": reference.svd_conv2d}
+# Each path `svd_conv` may take, by the name `explain` gives it.
+CONV_PATHS = {"materialized": reference.svd_conv_materialized, "chain": reference.svd_conv}
 
 
-def svd_conv2d(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
-               spec: ConvSpec) -> Tensor:
-    """Conv2d held as per-group factors `U` (g, rows, r), `s` (g, r), `V` (g, cols, r)."""
+def svd_conv(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
+             spec: ConvSpec) -> Tensor:
+    """A 1-, 2- or 3-D conv (`spec.dims`) held as per-group factors `U` (g, rows, r), `s`
+    (g, r), `V` (g, cols, r)."""
     return CONV_PATHS[dispatch.conv_plan(x, U, spec).path](x, U, s, V, bias, spec)
 
 

@@ -32,48 +32,59 @@ def materialize(U: Tensor, s: Tensor, V: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- conv
 class ConvSpec(NamedTuple):
-    """Geometry of a Conv2d held in SVD form; `padding` is explicit (ph, pw)."""
+    """Geometry of a conv (1-, 2- or 3-D: `kernel_size`, `stride`, `padding`, `dilation`
+    are tuples of one entry per spatial dim) held in SVD form; `padding` is explicit.
+
+    "channel" (every dim): one group's matrix is n/g x (c/g * prod(kernel)). "spatial"
+    (2-D only, where the kernel splits into a kh x 1 and a 1 x kw conv): (n/g * kw) x
+    (c/g * kh)."""
 
     in_channels: int
     out_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
     groups: int
     padding_mode: str
     scheme: str
+
+    @property
+    def dims(self) -> int:
+        """Spatial dims of the conv (1, 2 or 3)."""
+        return len(self.kernel_size)
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
         """(rows, cols) of one group's weight matrix under this scheme."""
         n_g = self.out_channels // self.groups
         c_g = self.in_channels // self.groups
-        kh, kw = self.kernel_size
         if self.scheme == "channel":
-            return n_g, c_g * kh * kw
+            return n_g, c_g * math.prod(self.kernel_size)
+        kh, kw = self.kernel_size
         return n_g * kw, c_g * kh
 
 
 def conv_weight_to_matrix(weight: Tensor, spec: ConvSpec) -> Tensor:
-    """Conv weight (n, c/g, kh, kw) -> per-group matrices (g, rows, cols) for `spec.scheme`."""
+    """Conv weight (n, c/g, *kernel) -> per-group matrices (g, rows, cols) for `spec.scheme`."""
     g = spec.groups
-    n, c_g, kh, kw = weight.shape
-    w = weight.reshape(g, n // g, c_g, kh, kw)
+    n, c_g = weight.shape[:2]
     if spec.scheme == "channel":
-        return w.reshape(g, n // g, c_g * kh * kw)
+        return weight.reshape(g, n // g, -1)
     # spatial: rows (n, j), columns (c, i)
+    _, _, kh, kw = weight.shape
+    w = weight.reshape(g, n // g, c_g, kh, kw)
     return w.permute(0, 1, 4, 2, 3).reshape(g, (n // g) * kw, c_g * kh)
 
 
 def conv_matrix_to_weight(mat: Tensor, spec: ConvSpec) -> Tensor:
-    """Inverse of `conv_weight_to_matrix`: (g, rows, cols) -> (n, c/g, kh, kw)."""
+    """Inverse of `conv_weight_to_matrix`: (g, rows, cols) -> (n, c/g, *kernel)."""
     g = spec.groups
     n_g = spec.out_channels // g
     c_g = spec.in_channels // g
-    kh, kw = spec.kernel_size
     if spec.scheme == "channel":
-        return mat.reshape(g * n_g, c_g, kh, kw)
+        return mat.reshape(g * n_g, c_g, *spec.kernel_size)
+    kh, kw = spec.kernel_size
     w = mat.reshape(g, n_g, kw, c_g, kh).permute(0, 1, 3, 4, 2)
     return w.reshape(g * n_g, c_g, kh, kw)
 
@@ -86,18 +97,18 @@ def conv_weight(U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec) -> Tensor:
 def conv_chain_weights(U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec) -> tuple[Tensor, Tensor]:
     """Weights of the two thin convs that compute the layer; `s` is folded into the second.
 
-    channel: first (g*r, c/g, kh, kw), second (n, r, 1, 1).
+    channel: first (g*r, c/g, *kernel), second (n, r, 1, ...).
     spatial: first (g*r, c/g, kh, 1), second (n, r, 1, kw).
     """
     g, _, r = U.shape
     n_g = spec.out_channels // g
     c_g = spec.in_channels // g
-    kh, kw = spec.kernel_size
     Us = U * s.unsqueeze(-2)
     if spec.scheme == "channel":
-        first = V.transpose(1, 2).reshape(g * r, c_g, kh, kw)
-        second = Us.reshape(g * n_g, r, 1, 1)
+        first = V.transpose(1, 2).reshape(g * r, c_g, *spec.kernel_size)
+        second = Us.reshape(g * n_g, r, *(1,) * spec.dims)
     else:
+        kh, kw = spec.kernel_size
         first = V.transpose(1, 2).reshape(g * r, c_g, kh, 1)
         # contiguous: CPU Inductor (torch 2.13) computed grouped convs with the permuted view
         # wrong at ranks >= 2 (tests/test_compile.py checks it)
@@ -108,38 +119,41 @@ def conv_chain_weights(U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec) -> tuple
 
 def conv_chain_geometry(spec: ConvSpec) -> tuple[dict, dict]:
     """Keyword arguments (stride, padding, dilation) of the two thin convs of the chain."""
-    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     if spec.scheme == "channel":
-        return (dict(stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw)),
-                dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1)))
+        ones, zeros = (1,) * spec.dims, (0,) * spec.dims
+        return (dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation),
+                dict(stride=ones, padding=zeros, dilation=ones))
+    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     return (dict(stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1)),
             dict(stride=(1, sw), padding=(0, pw), dilation=(1, dw)))
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, padding_mode: str,
-           stride, padding, dilation) -> Tensor:
-    """`F.conv2d` with nn.Conv2d's handling of non-zero padding modes."""
-    ph, pw = padding
-    if padding_mode != "zeros" and (ph or pw):
-        x = F.pad(x, (pw, pw, ph, ph), mode=padding_mode)
-        padding = (0, 0)
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def svd_conv2d(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
-               spec: ConvSpec) -> Tensor:
+def conv(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, padding_mode: str,
+         stride, padding, dilation) -> Tensor:
+    """`F.conv1d/2d/3d` (by `len(padding)`) with nn.Conv's handling of non-zero padding modes."""
+    if padding_mode != "zeros" and any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)], mode=padding_mode)
+        padding = (0,) * len(padding)
+    return _CONV[len(padding)](x, weight, bias, stride, padding, dilation, groups)
+
+
+def svd_conv(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
+             spec: ConvSpec) -> Tensor:
     """Factorized conv as the chain of two thin convs (docs/SPEC.md section 1, layer forms)."""
     first, second = conv_chain_weights(U, s, V, spec)
     geo1, geo2 = conv_chain_geometry(spec)
-    h = conv2d(x, first, None, spec.groups, spec.padding_mode, **geo1)
-    return conv2d(h, second, bias, spec.groups, spec.padding_mode, **geo2)
+    h = conv(x, first, None, spec.groups, spec.padding_mode, **geo1)
+    return conv(h, second, bias, spec.groups, spec.padding_mode, **geo2)
 
 
-def svd_conv2d_materialized(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
-                            spec: ConvSpec) -> Tensor:
+def svd_conv_materialized(x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias: Tensor | None,
+                          spec: ConvSpec) -> Tensor:
     """Factorized conv computed by building the dense weight then one conv."""
-    return conv2d(x, conv_weight(U, s, V, spec), bias, spec.groups, spec.padding_mode,
-                  spec.stride, spec.padding, spec.dilation)
+    return conv(x, conv_weight(U, s, V, spec), bias, spec.groups, spec.padding_mode,
+                spec.stride, spec.padding, spec.dilation)
 
 
 # ----------------------------------------------------------------------------- regularizers

@@ -1,4 +1,4 @@
-"""The per-call dispatch of svd_linear / svd_conv2d: FLOP model, backend rules, explain(),
+"""The per-call dispatch of svd_linear / svd_conv: FLOP model, backend rules, explain(),
 and that each path computes the reference result."""
 import threading
 
@@ -224,8 +224,8 @@ def test_conv_flops_match_a_count_from_the_convs_run(kwargs, shape, rank):
     w1, w2 = reference.conv_chain_weights(layer.U, layer.s, layer.V, sp)
     geo1, geo2 = reference.conv_chain_geometry(sp)
     with torch.no_grad():
-        h = reference.conv2d(x, w1, None, sp.groups, sp.padding_mode, **geo1)
-        y = reference.conv2d(h, w2, None, sp.groups, sp.padding_mode, **geo2)
+        h = reference.conv(x, w1, None, sp.groups, sp.padding_mode, **geo1)
+        y = reference.conv(h, w2, None, sp.groups, sp.padding_mode, **geo2)
     chain = 2 * h.numel() * w1[0].numel() + 2 * y.numel() * w2[0].numel()
     dense = 2 * y.numel() * layer.weight[0].numel()
     rows, cols = layer.matrix_shape
@@ -254,7 +254,7 @@ def test_conv_paths_match_the_reference(kwargs, shape, name):
     x = torch.randn(shape, dtype=torch.float64)
     with backend.use(name):
         y = layer(x)
-    torch.testing.assert_close(y, reference.svd_conv2d(x, layer.U, layer.s, layer.V, layer.bias,
+    torch.testing.assert_close(y, reference.svd_conv(x, layer.U, layer.s, layer.V, layer.bias,
                                                        layer.spec))
 
 

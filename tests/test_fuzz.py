@@ -21,6 +21,8 @@ EXAMPLES = os.environ.get("SVDKERN_FUZZ_EXAMPLES")
 FUZZ = settings(max_examples=int(EXAMPLES or 20), deadline=None, derandomize=EXAMPLES is None)
 DTYPES = st.sampled_from([torch.float32, torch.float64])
 LAYOUTS = st.sampled_from(["contiguous", "permuted", "sliced"])
+# every layer converted, rank-1 ones too (decompose leaves those dense by default)
+EVERY_LAYER = (nn.Linear, nn.Conv2d)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
@@ -134,7 +136,7 @@ def dense_conv_of_factors(spec):
 
 @FUZZ
 @given(conv_spec(), st.data())
-def test_every_svd_conv2d_path_matches_the_dense_conv(spec, data):
+def test_every_svd_conv_path_matches_the_dense_conv(spec, data):
     dt, lay = data.draw(DTYPES), data.draw(LAYOUTS)
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31 - 1)))
     rows, cols = spec.matrix_shape
@@ -145,7 +147,7 @@ def test_every_svd_conv2d_path_matches_the_dense_conv(spec, data):
     s = randn(gen, spec.groups, r, dtype=dt)
     V = randn(gen, spec.groups, cols, r, dtype=dt, layout=lay)
     b = randn(gen, spec.out_channels, dtype=dt) if data.draw(st.booleans()) else None
-    for fn in (*ops.CONV_PATHS.values(), ops.svd_conv2d):
+    for fn in (*ops.CONV_PATHS.values(), ops.svd_conv):
         check_op_against_reference(lambda *a: fn(*a, spec), dense_conv_of_factors(spec),
                                    [x, U, s, V, b], dt)
 
@@ -187,7 +189,7 @@ def dense_model(draw):
 def test_decompose_is_exact(case):
     model, x, scheme = case
     expected = model(x)
-    svd = svdkern.decompose(copy.deepcopy(model), scheme=scheme)
+    svd = svdkern.decompose(copy.deepcopy(model), scheme=scheme, include=EVERY_LAYER)
     assert isinstance(svd[0], SVDLayer)
     torch.testing.assert_close(svd(x), expected, rtol=1e-10, atol=1e-10)
 
@@ -216,7 +218,7 @@ def matrices(layer, weight):
 @given(dense_model(), st.floats(0.0, 0.99), st.floats(0.2, 1.0), st.integers(0, 2 ** 31 - 1))
 def test_prune_obeys_the_energy_rule_and_is_the_truncated_svd(case, energy, decay, seed):
     model, x, scheme = case
-    model = with_spectrum(svdkern.decompose(model, scheme=scheme), seed, decay)
+    model = with_spectrum(svdkern.decompose(model, scheme=scheme, include=EVERY_LAYER), seed, decay)
     layer = model[0]
     s_before = layer._to_grouped(layer.s).detach().clone()
     weight_before = layer.weight.detach().clone()
@@ -238,7 +240,7 @@ def test_prune_obeys_the_energy_rule_and_is_the_truncated_svd(case, energy, deca
 @given(dense_model(), st.floats(0.0, 0.5), st.sampled_from(["lowrank", "dense"]))
 def test_export_computes_the_same_function(case, energy, form):
     model, x, scheme = case
-    model = svdkern.decompose(model, scheme=scheme)
+    model = svdkern.decompose(model, scheme=scheme, include=EVERY_LAYER)
     svdkern.prune(model, energy)
     expected = model(x)
     plain = svdkern.export(model, form)
@@ -251,7 +253,7 @@ def test_export_computes_the_same_function(case, energy, form):
        float("inf"), float("-inf")]), st.integers(0, 10 ** 6))
 def test_nonfinite_factors_are_caught_by_prune_and_export(case, pname, bad, where):
     model, x, scheme = case
-    model = svdkern.decompose(model, scheme=scheme)
+    model = svdkern.decompose(model, scheme=scheme, include=EVERY_LAYER)
     param = getattr(model[0], pname)
     with torch.no_grad():
         param[torch.unravel_index(torch.tensor(where % param.numel()), param.shape)] = bad
@@ -270,7 +272,7 @@ def test_nonfinite_factors_are_caught_by_prune_and_export(case, pname, bad, wher
 def test_nonfinite_input_rows_propagate_like_nn_linear(n, m, batch, bad, seed):
     gen = torch.Generator().manual_seed(seed)
     dense = nn.Linear(n, m, dtype=torch.float64)
-    layer = svdkern.decompose(copy.deepcopy(dense))
+    layer = svdkern.decompose(copy.deepcopy(dense), include=EVERY_LAYER)
     x = randn(gen, batch, n)
     x[0, n - 1] = bad
     y, y_dense = layer(x), dense(x)

@@ -25,14 +25,14 @@ def test_gradcheck_materialize():
 
 
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
-def test_gradcheck_svd_conv2d(scheme):
+def test_gradcheck_svd_conv(scheme):
     spec = ConvSpec(4, 6, (3, 2), (2, 1), (1, 1), (1, 2), 2, "zeros", scheme)
     rows, cols = spec.matrix_shape
     r = 2
     x, U, s, V, b = _leaf(1, 4, 5, 6), _leaf(2, rows, r), _leaf(2, r), _leaf(2, cols, r), _leaf(6)
-    assert gradcheck(lambda *a: ops.svd_conv2d(*a, spec), (x, U, s, V, b))
-    out = ops.svd_conv2d(x, U, s, V, b, spec)
-    assert rel_err(out, reference.svd_conv2d_materialized(x, U, s, V, b, spec)) < 1e-12
+    assert gradcheck(lambda *a: ops.svd_conv(*a, spec), (x, U, s, V, b))
+    out = ops.svd_conv(x, U, s, V, b, spec)
+    assert rel_err(out, reference.svd_conv_materialized(x, U, s, V, b, spec)) < 1e-12
 
 
 def test_gradcheck_regularizers():

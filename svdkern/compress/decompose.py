@@ -1,5 +1,5 @@
-"""`decompose`: replace a model's Linear, Conv2d and transformers Conv1D layers by their exact
-SVD form, naming every matrix it leaves dense."""
+"""`decompose`: replace a model's Linear, Conv1d/2d/3d, transformers Conv1D, attention and
+recurrent layers by their exact SVD form, naming every matrix it leaves dense."""
 from __future__ import annotations
 
 import contextlib
@@ -8,41 +8,89 @@ import warnings
 from typing import Callable, Iterable, Iterator
 
 import torch.nn as nn
+from torch.nn.modules.utils import _ntuple
 from torch.nn.utils import parametrize
 
-from ..layers import SVDConv1D, SVDConv2d, SVDLayer, SVDLinear, is_conv1d
-from ..reference import SCHEMES
+from ..layers import (SVD_CONVS, SVDGRU, SVDLSTM, SVDRNN, SVDComposite, SVDConv1D, SVDLayer,
+                      SVDLinear, SVDMultiheadAttention, is_conv1d, scheme_for)
+from ..reference import SCHEMES, ConvSpec
+
+# torch modules that multiply by their matrices themselves -> their SVD form
+COMPOSITES: dict[type, type[SVDComposite]] = {
+    nn.MultiheadAttention: SVDMultiheadAttention, nn.LSTM: SVDLSTM, nn.GRU: SVDGRU,
+    nn.RNN: SVDRNN}
 
 
-def _svd_form(module: nn.Module, scheme: str, label: str) -> SVDLayer:
+def _svd_form(module: nn.Module, scheme: str, label: str) -> nn.Module:
     """The exact SVD form of a layer `layer_kind` recognizes."""
-    if isinstance(module, nn.Linear):
+    kind = layer_kind(module)
+    if kind is nn.Linear:
         return SVDLinear.from_dense(module, name=label)
-    if isinstance(module, nn.Conv2d):
-        return SVDConv2d.from_dense(module, scheme=scheme, name=label)
+    if kind in SVD_CONVS:
+        return SVD_CONVS[kind].from_dense(module, scheme=scheme_for(module, scheme), name=label)
+    if kind in COMPOSITES:
+        return COMPOSITES[kind].from_dense(module, name=label)
     return SVDConv1D.from_dense(module, name=label)
 
 
 def layer_kind(module: nn.Module) -> type | None:
     """The class whose instances svdkern converts that `module` is one of (`nn.Linear`,
-    `nn.Conv2d`, transformers' `Conv1D`), or None."""
+    `nn.Conv1d/2d/3d`, transformers' `Conv1D`, `nn.MultiheadAttention`, `nn.LSTM`, `nn.GRU`,
+    `nn.RNN`), or None (an SVD form already is None)."""
+    if isinstance(module, (SVDLayer, SVDComposite)):
+        return None
     if is_conv1d(module):
         return type(module)
-    return next((k for k in (nn.Linear, nn.Conv2d) if isinstance(module, k)), None)
+    return next((k for k in (nn.Linear, *SVD_CONVS, *COMPOSITES) if isinstance(module, k)), None)
+
+
+def matrix_shapes(module: nn.Module, scheme: str = "channel") -> list[tuple[int, int]]:
+    """(rows, cols) of every (per-group) weight matrix the SVD form of `module` (a
+    `layer_kind`) holds, from its sizes alone (no weight is read)."""
+    kind = layer_kind(module)
+    if kind in SVD_CONVS:
+        tup = _ntuple(len(module.kernel_size))
+        return [ConvSpec(module.in_channels, module.out_channels, tup(module.kernel_size),
+                         tup(1), tup(0), tup(1), module.groups, "zeros",
+                         scheme_for(module, scheme)).matrix_shape]
+    if kind in COMPOSITES:
+        shapes = []
+        for pname, keys in COMPOSITES[kind]._layout(module).items():
+            rows, cols = module._parameters[pname].shape
+            shapes += [(rows // len(keys), cols)] * len(keys)
+        return shapes
+    if kind is nn.Linear:
+        return [(module.out_features, module.in_features)]
+    return [(module.nf, module.nx)]  # transformers' Conv1D
+
+
+def _saves_nothing(module: nn.Module, scheme: str) -> str | None:
+    """Why `module`'s SVD form cannot save anything (a matrix of rank <= 1: a depthwise
+    conv's 1 x k*k, a one-output linear), or None (a lazy layer has no sizes yet)."""
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
+        return None
+    rows, cols = min(matrix_shapes(module, scheme), key=min)
+    if min(rows, cols) > 1:
+        return None
+    return (f"its {'per-group ' if getattr(module, 'groups', 1) > 1 else ''}weight matrix is "
+            f"{rows}x{cols}, of rank <= 1, so a factorization saves nothing (name it in "
+            "include= to convert it anyway)")
 
 
 def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (), *,
               include: Iterable[str | type] | None = None, min_size: int = 0) -> nn.Module:
-    """Replace every `nn.Linear`, `nn.Conv2d` and transformers `Conv1D` (GPT-2's linears) of
-    `model` (in place) by `SVDLinear` / `SVDConv2d` / `SVDConv1D` at full rank, computing the
-    same function, and return the model.
+    """Replace every `nn.Linear`, `nn.Conv1d/2d/3d`, transformers `Conv1D` (GPT-2's linears),
+    `nn.MultiheadAttention` and `nn.LSTM` / `nn.GRU` / `nn.RNN` of `model` (in place) by its
+    SVD form at full rank, computing the same function, and return the model.
 
-    `scheme` is "channel" or "spatial" for convs; `skip` holds module names or glob
-    patterns left dense (one that matches no module is an error: a typo would skip nothing).
-    `include` (PEFT's `target_modules`: names, glob patterns or module classes) converts only
-    the layers it matches, each entry matching at least one; `min_size` leaves dense the
-    layers whose weight has fewer elements. Layers these leave dense are the user's choice
-    and not warned about.
+    `scheme` is "channel" or "spatial" for 2-D convs (1-D and 3-D convs take "channel");
+    `skip` holds module names or glob patterns left dense (one that matches no module is an
+    error: a typo would skip nothing). `include` (PEFT's `target_modules`: names, glob
+    patterns or module classes) converts only the layers it matches, each entry matching at
+    least one; `min_size` leaves dense the layers whose largest matrix has fewer elements.
+    Layers these leave dense are the user's choice and not warned about. Layers whose
+    matrices have rank <= 1 (depthwise convs, one-output linears) save nothing in SVD form
+    and stay dense, warned, unless `include` is given and matches them.
     Every layer is validated and converted before any is swapped in, so a failure leaves the
     model unchanged. A layer used at several places becomes one SVD layer at all of them;
     frozen weights, train/eval mode and module hooks carry over. Layers whose SVD form would
@@ -59,11 +107,13 @@ def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (
     skip = [skip] if isinstance(skip, str) else list(skip)  # read twice below
     _check_patterns_match(model, skip, "skip")
     chosen = _chooser(model, include, min_size)
-    found = convertible_layers(model, skip, tied="keep dense", chosen=chosen)
-    left = left_dense(model, skip, [m for _, m in found], chosen)
-    already = any(isinstance(m, SVDLayer) for m in model.modules())
-    if not found and not already and convertible_layers(model, (), tied="keep dense",
-                                                        frozen_unchecked=True):
+    wanted = convertible_layers(model, skip, tied="keep dense", chosen=chosen)
+    found = [(name, m) for name, m in wanted
+             if include is not None or _saves_nothing(m, scheme) is None]
+    left = left_dense(model, skip, [m for _, m in found], chosen, scheme)
+    already = any(isinstance(m, (SVDLayer, SVDComposite)) for m in model.modules())
+    if not wanted and not already and convertible_layers(model, (), tied="keep dense",
+                                                         frozen_unchecked=True):
         raise ValueError(f"decompose: skip, include and min_size leave every layer of "
                          f"{type(model).__name__} that svdkern would convert dense")
     if not found and not already:
@@ -110,15 +160,15 @@ def _chooser(model: nn.Module, include: Iterable[str | type] | None, min_size: i
         if include is not None and not (isinstance(module, kinds) or any(
                 path_matches(path, p) for path in paths for p in names)):
             return False
-        weight = dict(module.named_parameters(recurse=False)).get("weight")  # no parametrization run
-        if weight is None or isinstance(weight, nn.parameter.UninitializedParameter):
-            return True  # checked (and refused by name) by check_layer
-        return weight.numel() // getattr(module, "groups", 1) >= min_size  # per group
+        if min_size == 0 or any(isinstance(p, nn.parameter.UninitializedParameter)
+                                for p in module.parameters(recurse=False)):
+            return True  # a lazy layer: checked (and refused by name) by check_layer
+        return max(r * c for r, c in matrix_shapes(module)) >= min_size  # per group
     return chosen
 
 
 def left_dense(model: nn.Module, skip: str | Iterable[str], converted: list[nn.Module],
-               chosen=None) -> list[tuple[str, str]]:
+               chosen=None, scheme: str = "channel") -> list[tuple[str, str]]:
     """(path, reason) of every module holding a >= 2-D parameter of its own that is neither
     converted nor left dense by the user (`skip`, or `chosen(paths, module)` False)."""
     is_skipped, paths, owners = skip_matcher(skip), module_paths(model), _owners(model)
@@ -129,7 +179,7 @@ def left_dense(model: nn.Module, skip: str | Iterable[str], converted: list[nn.M
             continue  # a parametrization's own modules: their layer is reported instead
         matrices = [p for p in module.parameters(recurse=parametrize.is_parametrized(module))
                     if isinstance(p, nn.parameter.UninitializedParameter) or p.dim() >= 2]
-        if (not matrices or id(module) in done or isinstance(module, SVDLayer)
+        if (not matrices or id(module) in done or isinstance(module, (SVDLayer, SVDComposite))
                 or any(map(is_skipped, paths[id(module)]))
                 or (chosen is not None and not chosen(paths[id(module)], module))):
             continue
@@ -139,6 +189,8 @@ def left_dense(model: nn.Module, skip: str | Iterable[str], converted: list[nn.M
         elif layer_kind(module) is not None and tied:
             why = (f"its weight is tied to {tied}'s, and an SVD layer would untie them; "
                    "untie them to convert it")
+        elif layer_kind(module) is not None and _saves_nothing(module, scheme):
+            why = _saves_nothing(module, scheme)
         elif layer_kind(module) is not None:
             why = "svdkern converts it, but it was not converted (skipped, or not decomposed)"
         elif isinstance(module, nn.Embedding):
@@ -223,10 +275,13 @@ def _check_convertible(label: str, module: nn.Module, kind: type) -> None:
                          f"SVD form would not run")
     # parametrized first: reading its weight would run the parametrization (spectral_norm's
     # power iteration updates its buffers)
-    if parametrize.is_parametrized(module) or not isinstance(module.weight, nn.Parameter):
+    names = list(COMPOSITES[kind]._layout(module)) if kind in COMPOSITES else ["weight"]
+    if parametrize.is_parametrized(module) or not all(
+            isinstance(module._parameters.get(n), nn.Parameter) for n in names):
         raise ValueError(f"{label}: its weight is reparametrized (torch.nn.utils.parametrize, "
                          "weight_norm, spectral_norm); the SVD form would drop that")
-    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+    if any(isinstance(module._parameters[n], nn.parameter.UninitializedParameter)
+           for n in names):
         raise ValueError(f"{label}: {type(module).__name__} is not initialized yet (a lazy "
                          "module): run one forward pass first, so its weight has a shape")
 

@@ -1,5 +1,6 @@
-"""`export`: turn an SVD model into plain `nn.Linear` / `nn.Conv2d` layers (no svdkern needed
-to run it): two thin layers per SVD layer ("lowrank") or the merged dense layer ("dense")."""
+"""`export`: turn an SVD model into plain `nn.Linear` / `nn.Conv1d/2d/3d` layers (no svdkern
+needed to run it): two thin layers per SVD layer ("lowrank") or the merged dense layer
+("dense"); attention and recurrent modules in SVD form become their merged torch module."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,7 @@ import torch.nn as nn
 
 from .. import reference
 from ..reference import ConvSpec
-from ..layers import SVDConv1D, SVDConv2d, SVDLayer, SVDLinear, svd_layers
+from ..layers import SVDComposite, SVDConv, SVDConv1D, SVDLayer, SVDLinear, svd_layers
 from .decompose import replace_modules
 
 FORMS = ("lowrank", "dense")
@@ -32,6 +33,8 @@ def export(model: nn.Module, form: str = "lowrank") -> nn.Module:
     folded into the second, except layers where that is not cheaper than dense
     (`r (m + n) >= m n`) and the linears that a parent of `torch.nn` multiplies by their
     `.weight` itself (`DENSE_UNDER`), which are merged. "dense": every layer merged back.
+    Attention and recurrent modules in SVD form (`SVDComposite`: torch's fused kernels take
+    dense weights) become their torch module with merged weights in either form.
     The input model is not modified.
     """
     if form not in FORMS:
@@ -39,8 +42,11 @@ def export(model: nn.Module, form: str = "lowrank") -> nn.Module:
     for _, layer in svd_layers(model):
         layer.check_finite()
     out = copy.deepcopy(model)
-    if isinstance(out, SVDLayer):
+    if isinstance(out, (SVDLayer, SVDComposite)):
         return replace_modules(out, {"": plain_layers(out, form)})
+    composites = {name: m.to_dense() for name, m in out.named_modules()
+                  if isinstance(m, SVDComposite)}
+    out = replace_modules(out, composites)
     merged = {f"{name}.{child}" if name else child for name, module in out.named_modules()
               for kind, children in DENSE_UNDER.items() if isinstance(module, kind)
               for child in children}
@@ -48,12 +54,14 @@ def export(model: nn.Module, form: str = "lowrank") -> nn.Module:
                                  for name, layer in svd_layers(out)})
 
 
-def plain_layers(layer: SVDLayer, form: str) -> nn.Module:
+def plain_layers(layer: SVDLayer | SVDComposite, form: str) -> nn.Module:
     """The plain-PyTorch module(s) computing `layer`."""
+    if isinstance(layer, SVDComposite):
+        return layer.to_dense()
     lowrank = form == "lowrank" and layer.worth_factorizing()
     if isinstance(layer, SVDLinear):
         return _linear_lowrank(layer) if lowrank else _linear_dense(layer)
-    if isinstance(layer, SVDConv2d):
+    if isinstance(layer, SVDConv):
         return _conv_lowrank(layer) if lowrank else _conv_dense(layer)
     raise TypeError(f"{layer.layer_name}: cannot export {type(layer).__name__}")
 
@@ -86,15 +94,21 @@ def linear_pair(in_features: int, out_features: int, rank: int, bias: bool,
 
 def conv_pair(spec: ConvSpec, rank: int, bias: bool, **factory) -> nn.Sequential:
     """The empty low-rank form of a conv (`reference.conv_chain_weights` shapes and
-    `conv_chain_geometry`): the kh x kw (channel) or kh x 1 (spatial) conv to g*r channels,
-    then the 1 x 1 or 1 x kw conv with the bias."""
+    `conv_chain_geometry`): the full-kernel (channel) or kh x 1 (spatial) conv to g*r
+    channels, then the 1 x 1 or 1 x kw conv with the bias."""
     geo1, geo2 = reference.conv_chain_geometry(spec)
-    kh, kw = spec.kernel_size
-    k1, k2 = ((kh, kw), (1, 1)) if spec.scheme == "channel" else ((kh, 1), (1, kw))
+    first, second = (w.shape[2:] for w in reference.conv_chain_weights(
+        torch.empty(spec.groups, spec.matrix_shape[0], rank, device="meta"),
+        torch.empty(spec.groups, rank, device="meta"),
+        torch.empty(spec.groups, spec.matrix_shape[1], rank, device="meta"), spec))
     hidden = spec.groups * rank
+    conv = DENSE_CONVS[spec.dims]
     common = dict(groups=spec.groups, padding_mode=spec.padding_mode, **factory)
-    return nn.Sequential(nn.Conv2d(spec.in_channels, hidden, k1, bias=False, **geo1, **common),
-                         nn.Conv2d(hidden, spec.out_channels, k2, bias=bias, **geo2, **common))
+    return nn.Sequential(conv(spec.in_channels, hidden, first, bias=False, **geo1, **common),
+                         conv(hidden, spec.out_channels, second, bias=bias, **geo2, **common))
+
+
+DENSE_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def _factory(layer: SVDLayer) -> dict:
@@ -122,16 +136,16 @@ def _linear_lowrank(layer: SVDLinear) -> nn.Sequential:
     return pair
 
 
-def _conv_dense(layer: SVDConv2d) -> nn.Conv2d:
+def _conv_dense(layer: SVDConv) -> nn.Module:
     sp = layer.spec
-    dense = nn.Conv2d(sp.in_channels, sp.out_channels, sp.kernel_size, stride=sp.stride,
+    dense = layer.dense_type(sp.in_channels, sp.out_channels, sp.kernel_size, stride=sp.stride,
                       padding=sp.padding, dilation=sp.dilation, groups=sp.groups,
                       bias=layer.bias is not None, padding_mode=sp.padding_mode,
                       **_factory(layer))
     return _fill(dense, layer.weight, layer.bias, _trains(layer.U, layer.s, layer.V))
 
 
-def _conv_lowrank(layer: SVDConv2d) -> nn.Sequential:
+def _conv_lowrank(layer: SVDConv) -> nn.Sequential:
     w1, w2 = reference.conv_chain_weights(layer.U, layer.s, layer.V, layer.spec)
     pair = conv_pair(layer.spec, layer.rank, layer.bias is not None, **_factory(layer))
     _fill(pair[0], w1, None, _trains(layer.V))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..layers import SVDConv2d, SVDLayer, svd_layers
+from ..layers import SVDConv, SVDLayer, svd_layers
 from .decompose import left_dense
 
 
@@ -72,9 +72,10 @@ class ModelSummary:
 def summary(model: nn.Module, example_input: torch.Tensor | None = None,
             verbose: bool = True) -> ModelSummary:
     """Table of every SVD layer: matrix shape, rank, parameters and FLOPs per sample (one
-    input row for Linear, one image for Conv2d) against the dense layer it replaces.
+    input row for a linear, one sample for a conv) against the dense layer it replaces; the
+    matrices of attention and RNNs count per token (they deploy merged, `export`).
 
-    Conv FLOPs depend on the image size: pass `example_input` (one forward pass is run to
+    Conv FLOPs depend on the input size: pass `example_input` (one forward pass is run to
     read each conv's input size); without it they are left blank.
     """
     layers = svd_layers(model)
@@ -84,7 +85,7 @@ def summary(model: nn.Module, example_input: torch.Tensor | None = None,
     rows = []
     for name, layer in layers:
         flops = dense_flops = None
-        if not isinstance(layer, SVDConv2d) or name in in_hw:
+        if not isinstance(layer, SVDConv) or name in in_hw:
             flops, dense_flops = layer.flops(in_hw.get(name))
         rows.append(LayerSummary(name, _kind(layer), layer.matrix_shape, layer.rank,
                                  min(layer.matrix_shape), layer.svd_params(),
@@ -95,11 +96,11 @@ def summary(model: nn.Module, example_input: torch.Tensor | None = None,
     return result
 
 
-def _conv_input_sizes(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[int, int]]:
-    sizes: dict[str, tuple[int, int]] = {}
+def _conv_input_sizes(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    sizes: dict[str, tuple[int, ...]] = {}
     hooks = [m.register_forward_pre_hook(
-        lambda mod, args, name=name: sizes.__setitem__(name, tuple(args[0].shape[-2:])))
-        for name, m in svd_layers(model) if isinstance(m, SVDConv2d)]
+        lambda mod, args, name=name: sizes.__setitem__(name, tuple(args[0].shape[-mod.dims:])))
+        for name, m in svd_layers(model) if isinstance(m, SVDConv)]
     was_training = model.training
     model.eval()  # the probe pass must not update BatchNorm statistics
     try:
@@ -112,8 +113,8 @@ def _conv_input_sizes(model: nn.Module, example_input: torch.Tensor) -> dict[str
 
 
 def _kind(layer: SVDLayer) -> str:
-    if isinstance(layer, SVDConv2d):
-        return f"conv-{layer.scheme}" + (f"/g{layer.groups}" if layer.groups > 1 else "")
+    if isinstance(layer, SVDConv):
+        return f"conv{layer.dims}d-{layer.scheme}" + (f"/g{layer.groups}" if layer.groups > 1 else "")
     return "linear"
 
 

@@ -119,7 +119,7 @@ class SVDLayer(nn.Module):
             raise AttributeError(_READ_ONLY_WEIGHT.format(self.layer_name))
         super().register_parameter(name, param)
 
-    # Layout adapters: SVDLinear stores 2-D factors, SVDConv2d stores them per group.
+    # Layout adapters: SVDLinear stores 2-D factors, the convs store them per group.
     def _from_grouped(self, t: Tensor) -> Tensor:
         return t
 
@@ -209,7 +209,7 @@ class SVDLayer(nn.Module):
                             "layer (its dispatch reads the input's shape): trace SVD layers as "
                             "leaf modules (a Tracer whose is_leaf_module is True for "
                             "svdkern.SVDLayer; torchvision's feature extraction takes "
-                            "tracer_kwargs={'leaf_modules': [SVDLinear, SVDConv2d]})")
+                            "tracer_kwargs={'leaf_modules': [SVDLinear, SVDConv2d, ...]})")
         if not torch.is_floating_point(x):
             raise TypeError(f"{self.layer_name}: expected a floating-point input, got {x.dtype}")
         if x.device != self.U.device:

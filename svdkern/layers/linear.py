@@ -18,7 +18,8 @@ class SVDLinear(SVDLayer):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  rank: int | None = None, device=None, dtype=None, *,
-                 name: str = "SVDLinear", _dense: nn.Linear | None = None) -> None:
+                 name: str = "SVDLinear", _dense: nn.Linear | None = None,
+                 _variance: float | None = None) -> None:
         super().__init__()
         self.layer_name = name
         self.in_features = in_features
@@ -26,9 +27,9 @@ class SVDLinear(SVDLayer):
         if _dense is not None:
             self._init_factors(_dense.weight.detach().unsqueeze(0), _dense.bias, rank,  # g = 1
                                _dense.weight.requires_grad)
-        else:
+        else:  # `_variance`: the weights' variance of another module's init (attention, RNNs)
             self._init_default(1, out_features, in_features, in_features, rank,
-                               out_features if bias else None, device, dtype)
+                               out_features if bias else None, device, dtype, _variance)
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, rank: int | None = None,
@@ -38,6 +39,15 @@ class SVDLinear(SVDLayer):
             raise TypeError(f"{name}: expected nn.Linear, got {type(layer).__name__}")
         return cls(layer.in_features, layer.out_features, layer.bias is not None, rank,
                    name=name, _dense=layer)
+
+    @classmethod
+    def from_matrix(cls, weight: Tensor, rank: int | None = None,
+                    name: str = "SVDLinear") -> "SVDLinear":
+        """Exact SVD form (no bias) of a weight matrix (out, in) of another module (an
+        attention in-projection, an RNN's `weight_ih_l0`); frozen if `weight` is."""
+        dense = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        dense.weight = nn.Parameter(weight.detach(), weight.requires_grad)
+        return cls.from_dense(dense, rank, name)
 
     def _from_grouped(self, t: Tensor) -> Tensor:
         return t.squeeze(0)

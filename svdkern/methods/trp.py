@@ -15,16 +15,16 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.nn.modules.utils import _pair
 
-from ..compress.decompose import check_layer, convertible_layers, replace_modules, tied_to
-from ..layers import SVDConv2d, SVDLinear, conv_spec, require_finite
+from ..compress.decompose import (check_layer, convertible_layers, matrix_shapes, replace_modules,
+                                  tied_to)
+from ..layers import SVD_CONVS, SVDLinear, conv_spec, require_finite, scheme_for
 from ..reference import (SCHEMES, ConvSpec, check_energy, check_rank_multiple,
                         conv_matrix_to_weight, conv_weight_to_matrix, kept_rank)
 
 
 class TRP:
-    """Drive TRP on `model`'s `nn.Linear` and `nn.Conv2d` layers inside any training loop.
+    """Drive TRP on `model`'s `nn.Linear` and `nn.Conv1d/2d/3d` layers inside any training loop.
 
     Call `after_backward()` once the task loss has been back-propagated (it adds
     `nuclear * U_k V_k^T` to each weight's gradient, with `U_k, V_k` the factors the energy
@@ -53,10 +53,11 @@ class TRP:
             raise ValueError(f"TRP: unknown scheme {scheme!r}; expected one of {SCHEMES}")
         check_rank_multiple("TRP", rank_multiple)
         # the layers to_svd() will convert: checked now, as decompose would, by name
-        self.layers = dict(convertible_layers(model, skip, kinds=(nn.Linear, nn.Conv2d),
+        self.layers = dict(convertible_layers(model, skip, kinds=(nn.Linear, *SVD_CONVS),
                                               frozen_unchecked=True))
         if not self.layers:
-            raise ValueError("TRP: the model has no nn.Linear or nn.Conv2d layer to truncate")
+            raise ValueError("TRP: the model has no nn.Linear or nn.Conv1d/2d/3d layer to "
+                             "truncate")
         self.model = model
         self.energy = energy
         self.nuclear = float(nuclear)
@@ -71,7 +72,7 @@ class TRP:
         for name, layer in self.layers.items():  # frozen ones keep their full rank
             if name not in self.ranks and not isinstance(
                     layer.weight, nn.parameter.UninitializedParameter):
-                self.ranks[name] = min(_matrix_shape(layer, scheme))
+                self.ranks[name] = min(matrix_shapes(layer, scheme)[0])
 
     def trained(self) -> list[str]:
         """The layers TRP drives: those whose weight is not frozen, each checked (as decompose
@@ -81,9 +82,10 @@ class TRP:
             if name not in self._checked:  # frozen layers are never read: left alone
                 layer = self.layers[name]
                 check_layer(name, layer, tied_to(self.model, layer))
-                if isinstance(layer, nn.Conv2d):
-                    self.specs[name] = conv_spec(layer, self.scheme, name or "Conv2d")
-                self.ranks[name] = min(_matrix_shape(layer, self.scheme))
+                if isinstance(layer, tuple(SVD_CONVS)):
+                    self.specs[name] = conv_spec(layer, scheme_for(layer, self.scheme),
+                                                 name or type(layer).__name__)
+                self.ranks[name] = min(matrix_shapes(layer, self.scheme)[0])
                 self._checked.add(name)
         return names
 
@@ -167,16 +169,9 @@ class TRP:
             layer = out.get_submodule(name)
             label = name or type(layer).__name__
             rank = self.ranks[name]
-            replacements[name] = (SVDLinear.from_dense(layer, rank=rank, name=label)
-                                  if isinstance(layer, nn.Linear) else
-                                  SVDConv2d.from_dense(layer, self.scheme, rank=rank, name=label))
+            replacements[name] = (
+                SVDLinear.from_dense(layer, rank=rank, name=label)
+                if isinstance(layer, nn.Linear) else SVD_CONVS[type(layer)].from_dense(
+                    layer, scheme_for(layer, self.scheme), rank=rank, name=label))
         return replace_modules(out, replacements)
 
-
-def _matrix_shape(layer: nn.Module, scheme: str) -> tuple[int, int]:
-    """(rows, cols) of a dense layer's (per-group) weight matrix under `scheme`, from its
-    sizes alone (a frozen layer is never read)."""
-    if isinstance(layer, nn.Conv2d):
-        return ConvSpec(layer.in_channels, layer.out_channels, _pair(layer.kernel_size), (1, 1),
-                        (0, 0), (1, 1), layer.groups, "zeros", scheme).matrix_shape
-    return layer.out_features, layer.in_features

@@ -42,7 +42,7 @@ def test_conv_decomposition_is_exact(scheme, conv):
     x = torch.randn(2, conv["in_channels"], 9, 11, dtype=torch.float64)
     assert rel_err(layer(x), dense(x)) < 1e-10
     # the two thin convs too (at full rank the dispatch may build the dense weight instead)
-    chain = reference.svd_conv2d(x, layer.U, layer.s, layer.V, layer.bias, layer.spec)
+    chain = reference.svd_conv(x, layer.U, layer.s, layer.V, layer.bias, layer.spec)
     assert rel_err(chain, dense(x)) < 1e-10
     assert rel_err(layer.weight, dense.weight) < 1e-10
     assert layer.weight.shape == dense.weight.shape
@@ -52,10 +52,21 @@ def test_conv_decomposition_is_exact(scheme, conv):
 
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_decompose_model_is_exact_and_in_place(scheme):
+    """Every layer converts, but the depthwise conv under the channel scheme (1 x 9 matrices
+    per group: rank 1) stays dense, warned, unless `include` names it."""
     model = small_cnn()
     x = torch.randn(3, 3, 10, 8, dtype=torch.float64)
     expected = model(x)
-    out = svdkern.decompose(model, scheme=scheme)
+    if scheme == "channel":
+        with pytest.warns(UserWarning, match=r"2 \(its per-group weight matrix is 1x9, of rank "
+                                             r"<= 1, so a factorization saves nothing"):
+            out = svdkern.decompose(model, scheme=scheme)
+        assert type(model[2]) is nn.Conv2d
+        assert [name for name, _ in svdkern.svd_layers(model)] == ["0", "3", "4", "6"]
+        model = small_cnn()
+        out = svdkern.decompose(model, scheme=scheme, include=[nn.Conv2d, nn.Linear])
+    else:  # spatial: the depthwise kernel's 3 x 3 matrix has rank 3
+        out = svdkern.decompose(model, scheme=scheme)
     assert out is model
     assert not any(type(m) in (nn.Linear, nn.Conv2d) for m in model.modules())
     assert rel_err(model(x), expected) < 1e-10
@@ -124,19 +135,22 @@ def test_grouped_factors_and_matrices():
 def test_never_silent_about_what_stays_dense():
     """One warning names every module holding a matrix that stays dense, with the reason;
     a skip that matches nothing and a model with nothing to convert are errors."""
-    model = nn.Sequential(nn.Linear(4, 8), nn.LSTM(8, 8), nn.Embedding(5, 4))
+    model = nn.Sequential(nn.Linear(4, 8), nn.Bilinear(8, 8, 8), nn.Embedding(5, 4))
     with pytest.warns(UserWarning) as seen:
         svdkern.decompose(model)
     messages = [str(w.message) for w in seen if "left these modules dense" in str(w.message)]
     assert len(messages) == 1
-    assert "1 (svdkern has no SVD form of LSTM)" in messages[0]
+    assert "1 (svdkern has no SVD form of Bilinear)" in messages[0]
     assert "2 (an embedding is a lookup table" in messages[0]
     assert isinstance(model[0], svdkern.SVDLinear)
     with pytest.raises(ValueError, match=r"skip \['0.wieght'\] matches no module"):
         svdkern.decompose(nn.Sequential(nn.Linear(3, 2)), skip=["0.wieght"])
-    with pytest.raises(ValueError, match="LSTM has no layer svdkern converts .*<root>: svdkern has "
-                                         "no SVD form of LSTM"):
-        svdkern.decompose(nn.LSTM(4, 4))
+    with pytest.raises(ValueError, match="Bilinear has no layer svdkern converts .*<root>: "
+                                         "svdkern has no SVD form of Bilinear"):
+        svdkern.decompose(nn.Bilinear(4, 4, 4))
+    with pytest.raises(ValueError, match="Conv2d has no layer svdkern converts .*<root>: its "
+                                         "per-group weight matrix is 1x9, of rank <= 1"):
+        svdkern.decompose(nn.Conv2d(4, 4, 3, groups=4))
     quiet = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # skipped by the user: no warning

@@ -49,7 +49,7 @@ def test_deployed_cost_is_that_of_the_exported_model(scheme):
     """The CLI's deployed parameters are the exported model's (they counted `s` too)."""
     from types import SimpleNamespace
     from svdkern.app.pipeline import costs
-    model = svdkern.decompose(small_cnn(), scheme=scheme)
+    model = svdkern.decompose(small_cnn(), scheme=scheme, include=[nn.Conv2d, nn.Linear])
     svdkern.prune(model, 0.2)
     data = SimpleNamespace(test_x=torch.randn(1, 3, 10, 8, dtype=torch.float64))
     exported = svdkern.export(model, "lowrank")

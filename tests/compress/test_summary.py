@@ -23,7 +23,7 @@ def test_linear_counts_and_ratios(capsys):
 
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_conv_flops_match_a_direct_count(scheme):
-    model = svdkern.decompose(small_cnn(), scheme=scheme)
+    model = svdkern.decompose(small_cnn(), scheme=scheme, include=[nn.Conv2d, nn.Linear])
     x = torch.randn(1, 3, 10, 8, dtype=torch.float64)
     result = svdkern.summary(model, x, verbose=False)
     first = result.layers[0]
@@ -35,7 +35,7 @@ def test_conv_flops_match_a_direct_count(scheme):
     else:  # kh x 1 conv over 5 x 8, then 1 x kw conv over 5 x 4
         assert first.flops == 2 * r * 9 * 5 * 8 + 2 * 7 * r * 3 * 20
     assert result.flops == sum(l.flops for l in result.layers)
-    assert "conv-" in str(result) and result.to_dict()["total"]["dense_flops"] == result.dense_flops
+    assert "conv2d-" in str(result) and result.to_dict()["total"]["dense_flops"] == result.dense_flops
 
 
 def test_conv_flops_blank_without_example_input():
@@ -54,15 +54,15 @@ def test_summary_probe_does_not_touch_batchnorm_or_mode():
 
 
 def test_coverage_names_what_is_dense_and_the_share_in_svd_form():
-    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10), nn.LSTM(10, 5))
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10), nn.Bilinear(10, 10, 5))
     before = svdkern.coverage(model)
     assert before.converted == [] and before.svd_fraction == 0.0
     assert [name for name, _ in before.left_dense] == ["0", "1", "2"]
-    with pytest.warns(UserWarning, match="no SVD form of LSTM"):
+    with pytest.warns(UserWarning, match="no SVD form of Bilinear"):
         svdkern.decompose(model, skip=["1"])
     after = svdkern.coverage(model)
-    lstm = 4 * 5 * 10 + 4 * 5 * 5  # weight_ih (20 x 10), weight_hh (20 x 5)
+    bilinear = 5 * 10 * 10  # weight (out, in1, in2)
     assert after.converted == ["0"]
-    assert after.svd_fraction == pytest.approx(100 / (100 + 100 + lstm))
+    assert after.svd_fraction == pytest.approx(100 / (100 + 100 + bilinear))
     assert dict(after.left_dense)["1"].startswith("svdkern converts it, but it was not")
     assert "1 SVD layers hold" in str(after) and "dense: 2: svdkern has no SVD form" in str(after)
