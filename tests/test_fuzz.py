@@ -22,7 +22,7 @@ FUZZ = settings(max_examples=int(EXAMPLES or 20), deadline=None, derandomize=EXA
 DTYPES = st.sampled_from([torch.float32, torch.float64])
 LAYOUTS = st.sampled_from(["contiguous", "permuted", "sliced"])
 # every layer converted, rank-1 ones too (decompose leaves those dense by default)
-EVERY_LAYER = (nn.Linear, nn.Conv2d)
+EVERY_LAYER = ["*"]
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
@@ -272,7 +272,7 @@ def test_nonfinite_factors_are_caught_by_prune_and_export(case, pname, bad, wher
 def test_nonfinite_input_rows_propagate_like_nn_linear(n, m, batch, bad, seed):
     gen = torch.Generator().manual_seed(seed)
     dense = nn.Linear(n, m, dtype=torch.float64)
-    layer = svdkern.decompose(copy.deepcopy(dense), include=EVERY_LAYER)
+    layer = svdkern.decompose(copy.deepcopy(dense), include=[type(dense)])
     x = randn(gen, batch, n)
     x[0, n - 1] = bad
     y, y_dense = layer(x), dense(x)

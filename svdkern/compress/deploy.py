@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ..layers import SVDConv1D, SVDLinear, conv_spec, is_conv1d, svd_layers
+from ..layers import SVDComposite, SVDConv1D, SVDLinear, conv_spec, is_conv1d, svd_layers
 from ..reference import ConvSpec
 from .decompose import module_paths, replace_modules
-from .export import conv_pair, export, linear_pair
+from .export import DENSE_CONVS, conv_pair, export, linear_pair
 
 FORMAT = "svdkern-compressed"
-VERSION = 1
+VERSION = 2  # 2: convs of any dims (kind "conv"), transformers Conv1D as "transformers_conv1d"
 TENSORS = "model.safetensors"
 LAYOUT = "svdkern.json"
 
@@ -37,8 +37,11 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise ValueError("save_compressed: the model has no SVD layers (call svdkern.decompose "
                          "first, or save a dense model with its own tools)")
     plain = export(model, "lowrank")
+    # attention and RNNs export as their torch module, merged, with the torch parameter
+    # names a fresh dense model has: nothing to describe
+    merged = [f"{n}." for n, m in model.named_modules() if isinstance(m, SVDComposite)]
     layout = {name: _describe(layer, plain.get_submodule(name) if name else plain)
-              for name, layer in layers}
+              for name, layer in layers if not any(name.startswith(p) for p in merged)}
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_model(plain, str(out / TENSORS))
@@ -55,17 +58,17 @@ def _describe(layer, exported: nn.Module) -> dict:
     form = "lowrank" if isinstance(exported, nn.Sequential) else "dense"
     entry = {"form": form, "rank": layer.rank, "bias": layer.bias is not None}
     if isinstance(layer, SVDLinear):
-        entry.update(kind="conv1d" if isinstance(layer, SVDConv1D) else "linear",
+        entry.update(kind="transformers_conv1d" if isinstance(layer, SVDConv1D) else "linear",
                      in_features=layer.in_features, out_features=layer.out_features)
     else:
-        entry.update(kind="conv2d", **{k: list(v) if isinstance(v, tuple) else v
+        entry.update(kind="conv", **{k: list(v) if isinstance(v, tuple) else v
                                        for k, v in layer.spec._asdict().items()})
     return entry
 
 
 def load_compressed(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load what `save_compressed` wrote into `model`, a freshly built dense architecture
-    (the one decomposed before saving): each low-rank layer's `nn.Linear` / `nn.Conv2d` is
+    (the one decomposed before saving): each low-rank layer's `nn.Linear` / `nn.Conv*d` is
     replaced by its plain pair, then every tensor is loaded. Every layer's kind and geometry,
     and every tensor's name and shape, are checked first, so a mismatched directory leaves
     `model` unchanged. Returns the model (the pair itself when `model` is a bare layer)."""
@@ -113,14 +116,15 @@ def _checked_layer(name: str, model: nn.Module, entry: dict) -> nn.Module:
     except AttributeError:
         raise ValueError(f"load_compressed: the model has no layer {label} (saved from another "
                          "architecture?)") from None
-    if entry["kind"] == "conv2d":
+    if entry["kind"] == "conv":
         spec = _saved_spec(entry)
-        expected, want = "Conv2d", tuple(spec[:-1])
-        have = (tuple(conv_spec(dense, spec.scheme, label)[:-1]) if isinstance(dense, nn.Conv2d)
+        conv = DENSE_CONVS[spec.dims]
+        expected, want = conv.__name__, tuple(spec[:-1])
+        have = (tuple(conv_spec(dense, spec.scheme, label)[:-1]) if isinstance(dense, conv)
                 else None)
     else:  # a linear, or transformers' Conv1D (nx in, nf out)
         want = (entry["in_features"], entry["out_features"])
-        if entry["kind"] == "conv1d":
+        if entry["kind"] == "transformers_conv1d":
             expected, have = "Conv1D", ((dense.nx, dense.nf) if is_conv1d(dense) else None)
         else:
             expected = "Linear"
@@ -141,7 +145,7 @@ def _saved_spec(entry: dict) -> ConvSpec:
 def _empty_pair(dense: nn.Module, entry: dict) -> nn.Sequential:
     """The plain pair replacing `dense` (checked), on its device and dtype."""
     factory = dict(device=dense.weight.device, dtype=dense.weight.dtype)
-    if entry["kind"] in ("linear", "conv1d"):
+    if entry["kind"] in ("linear", "transformers_conv1d"):
         return linear_pair(entry["in_features"], entry["out_features"], entry["rank"],
                            entry["bias"], **factory)
     return conv_pair(_saved_spec(entry), entry["rank"], entry["bias"], **factory)

@@ -222,7 +222,7 @@ def test_refusals_leave_the_model_unchanged(tmp_path):
     svdkern.save_compressed(pruned_cnn(), tmp_path / "cnn")
     strided = small_cnn()
     dense_layers = [n for n, e in json.loads((tmp_path / "cnn" / "svdkern.json").read_text())[
-        "layers"].items() if e["form"] == "dense" and e["kind"] == "conv2d"]
+        "layers"].items() if e["form"] == "dense" and e["kind"] == "conv"]
     strided.get_submodule(dense_layers[0]).stride = (2, 2)  # a layer saved dense
     with pytest.raises(ValueError, match=f"layer {dense_layers[0]} is a Conv2d"):
         svdkern.load_compressed(strided, tmp_path / "cnn")
