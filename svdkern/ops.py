@@ -82,6 +82,13 @@ def hoyer_loss(svals: Sequence[Tensor]) -> Tensor:
     return _regularizer("hoyer_loss", svals)
 
 
+def hoyer_square_loss(svals: Sequence[Tensor]) -> Tensor:
+    """`sum (||s||_1 / ||s||_2)^2` over the given singular-value vectors (DeepHoyer's
+    Hoyer-Square, without the official constant `- 1`; one segmented Triton launch for loss
+    and gradient on the triton backend)."""
+    return _regularizer("hoyer_square_loss", svals)
+
+
 def _regularizer(name: str, tensors: Sequence[Tensor]) -> Tensor:
     """Run sparsity regularizer `name` on its Triton kernel where the backend says so, else
     on the reference (which also reports an empty list)."""

@@ -237,6 +237,15 @@ def hoyer_loss(svals: Sequence[Tensor]) -> Tensor:
     return sum(_hoyer(_fp32(s)) for s in svals)
 
 
+def hoyer_square_loss(svals: Sequence[Tensor]) -> Tensor:
+    """`sum_l (||s_l||_1 / ||s_l||_2)^2` (DeepHoyer's Hoyer-Square, the official
+    `Regularization.py` without its constant `- 1`): as Hoyer, with a gradient that grows
+    with the spread of `s`."""
+    if len(svals) == 0:
+        raise ValueError("hoyer_square_loss: got no singular-value vectors")
+    return sum(_hoyer(_fp32(s)).square() for s in svals)
+
+
 def _hoyer(s: Tensor) -> Tensor:
     """`||s||_1 / ||s||_2` taken of `s / max|s|`, the same value (it is scale-invariant)
     without the underflow of `s^2` for tiny `s` (inf) or its overflow for huge `s`; 0, with

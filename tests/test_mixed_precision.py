@@ -60,7 +60,7 @@ def regularized_model():
     return model
 
 
-@pytest.mark.parametrize("sparsity", ["hoyer", "l1"])
+@pytest.mark.parametrize("sparsity", ["hoyer", "hoyer_square", "l1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_regularizer_under_autocast_accumulates_in_fp32(sparsity, dtype):
     model = regularized_model()

@@ -11,7 +11,7 @@ from dataclasses import fields, replace
 
 from .data import DATASETS, load_dataset
 from .models import MODELS
-from .pipeline import METHODS, TrainConfig, dense_baseline, run_method
+from .pipeline import METHODS, SPARSITY_STRENGTH, TrainConfig, dense_baseline, run_method
 from .plots import plot_accuracy_flops, plot_ranks, plot_spectra
 
 COMPARE_ENERGIES = (0.01, 0.05, 0.1, 0.2, 0.3)
@@ -44,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default 0 (svd, truncate), 1e-4 (trp; its code), whatever --optimizer")
         p.add_argument("--lambda-o", type=float, default=1.0, help="orthogonality weight")
         p.add_argument("--lambda-s", type=float,
-                       help="sparsity weight (default 0.07 hoyer, 0.3 l1)")
-        p.add_argument("--sparsity", choices=("hoyer", "l1"), default="hoyer")
+                       help="sparsity weight (default: " + ", ".join(
+                           f"{v:g} {k}" for k, v in SPARSITY_STRENGTH.items()) + ")")
+        p.add_argument("--sparsity", choices=tuple(SPARSITY_STRENGTH), default="hoyer",
+                       help="sparsity regularizer on s (default: %(default)s)")
         p.add_argument("--sparsity-start", type=int, default=0,
                        help="epochs of orthogonality-only training before the sparsity term "
                             "is added (the paper's stage 1; --method svd only; default "

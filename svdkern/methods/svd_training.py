@@ -21,7 +21,8 @@ from ..layers import svd_layers
 from ..reference import (DEFAULT_TRAINING_ENERGY, check_precision, check_prune_rule,
                          check_prune_schedule, check_rank_multiple)
 
-SPARSITY = {"hoyer": ops.hoyer_loss, "l1": ops.l1_loss, None: None}
+SPARSITY = {"hoyer": ops.hoyer_loss, "hoyer_square": ops.hoyer_square_loss, "l1": ops.l1_loss,
+            None: None}
 
 
 class SVDRegularizer:
@@ -54,7 +55,8 @@ class SVDRegularizer:
         """The constructor's checks of its settings, with no model: a checkpoint's settings
         may have both terms off (fine-tuning after pruning), which only a call refuses."""
         if sparsity not in SPARSITY:
-            raise ValueError(f"SVDRegularizer: sparsity must be 'hoyer', 'l1' or None, got {sparsity!r}")
+            raise ValueError(f"SVDRegularizer: sparsity must be 'hoyer', 'hoyer_square', 'l1' or "
+                             f"None, got {sparsity!r}")
         for label, value in (("ortho", ortho), ("strength", strength)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"SVDRegularizer: {label} must be a finite number >= 0, got {value!r}")

@@ -155,6 +155,26 @@ def test_random_shapes(shapes, lengths, seed):
                             rand_matrices(shapes, torch.float32, seed), torch.float32, "ortho")
     check_against_reference(ops.hoyer_loss, reference.hoyer_loss,
                             rand_vectors(lengths, torch.float32, seed), torch.float32, "hoyer")
+    check_against_reference(ops.hoyer_square_loss, reference.hoyer_square_loss,
+                            rand_vectors(lengths, torch.float32, seed), torch.float32,
+                            "hoyer_square")
+
+
+def test_hoyer_square_against_hand_computed_values():
+    """(||s||_1 / ||s||_2)^2 and its gradient 2 H (sign(s) / ||s||_2 - ||s||_1 s / ||s||_2^3),
+    by hand for s = (3, -4, 0) and (2,): H^2 = 49 / 25 and 1."""
+    s = torch.tensor([3.0, -4.0, 0.0], dtype=torch.float64, requires_grad=True)
+    one = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    for fn in (reference.hoyer_square_loss, ops.hoyer_square_loss):
+        s.grad = one.grad = None
+        with backend.use("triton"):
+            loss = fn([s, one])
+        assert abs(loss.item() - (49 / 25 + 1)) < 1e-12
+        loss.backward()
+        h, n1, n2 = 7 / 5, 7.0, 5.0
+        want = [2 * h * (sign / n2 - n1 * x / n2 ** 3) for x, sign in ((3, 1), (-4, -1), (0, 0))]
+        torch.testing.assert_close(s.grad, torch.tensor(want, dtype=torch.float64))
+        torch.testing.assert_close(one.grad, torch.zeros(1, dtype=torch.float64))
 
 
 # For the GPU block shapes: a Gram of three 64-wide (five 32-wide) blocks, two row blocks of
@@ -228,19 +248,17 @@ def rand_vectors(lengths, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-@pytest.mark.parametrize("kind", ["l1", "hoyer"])
+@pytest.mark.parametrize("kind", ["l1", "hoyer", "hoyer_square"])
 def test_sparsity(kind, dtype):
     """Segments of length 1, odd, and longer than one 256-wide chunk."""
-    loss_fn = ops.hoyer_loss if kind == "hoyer" else ops.l1_loss
-    ref_fn = reference.hoyer_loss if kind == "hoyer" else reference.l1_loss
+    loss_fn, ref_fn = getattr(ops, f"{kind}_loss"), getattr(reference, f"{kind}_loss")
     check_against_reference(loss_fn, ref_fn, rand_vectors([7, 1, 300, 513], dtype), dtype,
                             f"{kind} {dtype}")
 
 
-@pytest.mark.parametrize("kind", ["l1", "hoyer"])
+@pytest.mark.parametrize("kind", ["l1", "hoyer", "hoyer_square"])
 def test_sparsity_single_and_strided(kind):
-    loss_fn = ops.hoyer_loss if kind == "hoyer" else ops.l1_loss
-    ref_fn = reference.hoyer_loss if kind == "hoyer" else reference.l1_loss
+    loss_fn, ref_fn = getattr(ops, f"{kind}_loss"), getattr(reference, f"{kind}_loss")
     base = rand_vectors([40], torch.float32)[0]
     for views in ([base], [base[::3], base[1:2]]):
         leaves = [v.detach().clone().requires_grad_() for v in views]
@@ -375,7 +393,7 @@ def regularizer_grads(model, reg, name):
                            if p.grad is not None}
 
 
-@pytest.mark.parametrize("sparsity", ["hoyer", "l1"])
+@pytest.mark.parametrize("sparsity", ["hoyer", "hoyer_square", "l1"])
 def test_regularizer_matches_reference_before_and_after_prune(sparsity):
     """SVDRegularizer on the triton backend equals the reference backend, also after a
     prune that changes ranks (the cached layout table is rebuilt for the new shapes)."""

@@ -16,7 +16,7 @@ def _model():
     return model
 
 
-@pytest.mark.parametrize("sparsity", ["hoyer", "l1"])
+@pytest.mark.parametrize("sparsity", ["hoyer", "hoyer_square", "l1"])
 def test_value_is_weighted_sum_over_every_group(sparsity):
     model = _model()
     reg = SVDRegularizer(model, ortho=2.0, sparsity=sparsity, strength=0.3)
@@ -26,7 +26,7 @@ def test_value_is_weighted_sum_over_every_group(sparsity):
         for g in range(U.shape[0]):
             mats += [U[g], V[g]]
             svals.append(s[g])
-    fn = ops.hoyer_loss if sparsity == "hoyer" else ops.l1_loss
+    fn = getattr(ops, f"{sparsity}_loss")
     expected = 2.0 * ops.orthogonality_loss(mats) + 0.3 * fn(svals)
     value = reg()
     assert torch.allclose(value, expected)
