@@ -9,6 +9,8 @@ import os
 import sys
 from dataclasses import fields, replace
 
+import torch
+
 from .data import DATASETS, load_dataset
 from .models import MODELS
 from .pipeline import METHODS, SPARSITY_STRENGTH, TrainConfig, dense_baseline, run_method
@@ -21,16 +23,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train and compress one model with one method")
-    train.add_argument("--method", choices=METHODS, default="svd")
-    train.add_argument("--out", default="svdkern-run", help="output folder")
+    train.add_argument("--method", choices=METHODS, default="svd",
+                       help="compression method (default: %(default)s)")
+    train.add_argument("--out", default="svdkern-run", help="output folder (default: %(default)s)")
     compare = sub.add_parser("compare", help="all three methods at several energy thresholds")
     compare.add_argument("--energies", type=_floats, default=COMPARE_ENERGIES,
                          help="comma-separated energy thresholds (default %(default)s)")
-    compare.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
-    compare.add_argument("--out", default="svdkern-compare", help="output folder")
+    compare.add_argument("--methods", type=_methods, default=list(METHODS),
+                         help="comma-separated methods to run (default: "
+                              f"{','.join(METHODS)})")
+    compare.add_argument("--out", default="svdkern-compare",
+                         help="output folder (default: %(default)s)")
     for p in (train, compare):
-        p.add_argument("--model", choices=MODELS, default="cnn")
-        p.add_argument("--data", choices=DATASETS, default="digits")
+        p.add_argument("--model", choices=MODELS, default="cnn",
+                       help="network to train (default: %(default)s)")
+        p.add_argument("--data", choices=DATASETS, default="digits",
+                       help="data set (default: %(default)s, bundled)")
         p.add_argument("--data-dir", help="CIFAR-10 python batches folder (--data cifar10)")
         p.add_argument("--epochs", type=int, help="total epochs per method (digits 20, cifar10 164)")
         p.add_argument("--finetune-epochs", type=int,
@@ -59,17 +67,44 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--nuclear", type=float, default=3e-4, help="TRP nuclear-norm weight")
         p.add_argument("--trp-period", type=int, default=5, help="TRP: truncate every m steps")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
         p.add_argument("--train-samples", type=int,
                        help="train on the first N training samples only (quick checks)")
     train.add_argument("--energy", type=float, default=0.05,
-                       help="energy threshold: fraction of sum s^2 pruning may drop")
+                       help="energy threshold: fraction of sum s^2 pruning may drop "
+                            "(default: %(default)s)")
     return parser
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.05,0.1, got {text!r}") from None
+
+
+def _methods(text: str) -> list[str]:
+    methods = text.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; choose from "
+                                         f"{', '.join(METHODS)}")
+    return methods
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """ValueErrors for options that would otherwise be ignored or fail deep in a run."""
+    if args.data_dir is not None and args.data != "cifar10":
+        raise ValueError(f"--data-dir is read with --data cifar10 only (got --data {args.data})")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {args.device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this PyTorch build sees no CUDA GPU "
+                         f"(torch {torch.__version__}); use --device cpu")
 
 
 def _config(args: argparse.Namespace, method: str) -> TrainConfig:
@@ -82,6 +117,7 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
         energies = [args.energy] if args.command == "train" else args.energies
         for method in [args.method] if args.command == "train" else args.methods:
             for energy in energies:  # bad settings: a clear error before any work

@@ -119,3 +119,43 @@ def test_sparsity_start_after_pruning_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--epochs", "4", "--finetune-epochs", "1", "--sparsity-start", "4",
                  "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "sparsity_start must be in [0, 3]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "--energies", "0.1,abc"], "--energies: expected comma-separated numbers such "
+                                           "as 0.05,0.1, got '0.1,abc'"),
+    (["compare", "--methods", "svd,foo"], "--methods: unknown method(s) foo; choose from svd, "
+                                          "trp, truncate"),
+])
+def test_unparsable_lists_name_the_option_and_the_problem(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(argv + ["--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data-dir", "somewhere"], "--data-dir is read with --data cifar10 only (got --data "
+                                  "digits)"),
+    (["--device", "gpu"], "--device 'gpu': "),
+])
+def test_ignored_or_impossible_options_are_clear_errors(tmp_path, capsys, flags, message):
+    assert main(["train", "--out", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("svdkern: error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a build without CUDA")
+def test_cuda_on_a_cpu_build_is_one_line(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), "--device", "cuda"]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_help_shows_every_default():
+    text = subprocess.run([sys.executable, "-m", "svdkern", "train", "--help"], capture_output=True,
+                          text=True, check=True).stdout
+    for piece in ("(default: svd)", "(default: svdkern-run)", "(default: cnn)",
+                  "(default: 0.05)", "(default: hoyer)", "0.01 hoyer_square"):
+        assert piece in " ".join(text.split()), piece
+    text = subprocess.run([sys.executable, "-m", "svdkern", "compare", "--help"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "(default: svd,trp,truncate)" in " ".join(text.split())
