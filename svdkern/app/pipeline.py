@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..compress.decompose import decompose
+from ..compress.export import merged_on_export
 from ..compress.pruning import prune
 from ..compress.summary import summary
 from ..layers import svd_layers
@@ -213,11 +214,14 @@ def dense_spectra(model: nn.Module, scheme: str) -> dict[str, list[float]]:
 def costs(model: nn.Module, data: Dataset) -> dict:
     """Parameters and FLOPs per sample of an SVD model: svdkern.summary's totals, and the
     deployed cost as svdkern.export ships it: a layer not worth factorizing
-    (r (m+n) >= m n) counts dense, the others as two thin layers with `s` folded in."""
+    (r (m+n) >= m n), or merged on export (attention, RNNs), counts dense, the others as two
+    thin layers with `s` folded in."""
     example = data.test_x[:1].to(next(model.parameters()).device)
     table = summary(model, example, verbose=False)
     layers = [dict(svd_layers(model))[row.name] for row in table.layers]
-    keep = [layer.worth_factorizing() for layer in layers]
+    merged = merged_on_export(model)
+    keep = [layer.worth_factorizing() and row.name not in merged
+            for row, layer in zip(table.layers, layers)]
     return {
         "table": str(table),
         "summary": table.to_dict(),

@@ -55,7 +55,7 @@ def matrix_shapes(module: nn.Module, scheme: str = "channel") -> list[tuple[int,
                          scheme_for(module, scheme)).matrix_shape]
     if kind in COMPOSITES:
         shapes = []
-        for pname, keys in COMPOSITES[kind]._layout(module).items():
+        for pname, keys in COMPOSITES[kind].layout(module).items():
             rows, cols = module._parameters[pname].shape
             shapes += [(rows // len(keys), cols)] * len(keys)
         return shapes
@@ -65,16 +65,20 @@ def matrix_shapes(module: nn.Module, scheme: str = "channel") -> list[tuple[int,
 
 
 def _saves_nothing(module: nn.Module, scheme: str) -> str | None:
-    """Why `module`'s SVD form cannot save anything (a matrix of rank <= 1: a depthwise
-    conv's 1 x k*k, a one-output linear), or None (a lazy layer has no sizes yet)."""
+    """Why `module`'s SVD form cannot save anything: its matrices all have rank <= 1 (a
+    depthwise conv's 1 x k*k, a one-output linear), or None (also for a lazy layer: no
+    sizes yet). A module of several matrices (an LSTM of input size 1) converts when one
+    of them can shrink."""
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
         return None
-    rows, cols = min(matrix_shapes(module, scheme), key=min)
-    if min(rows, cols) > 1:
+    shapes = matrix_shapes(module, scheme)
+    if max(min(shape) for shape in shapes) > 1:
         return None
-    return (f"its {'per-group ' if getattr(module, 'groups', 1) > 1 else ''}weight matrix is "
-            f"{rows}x{cols}, of rank <= 1, so a factorization saves nothing (name it in "
-            "include= to convert it anyway)")
+    what = ("every weight matrix" if len(shapes) > 1 else
+            "its per-group weight matrix" if getattr(module, "groups", 1) > 1 else
+            "its weight matrix")
+    return (f"{what} is {'x'.join(map(str, shapes[0]))}, of rank <= 1, so a factorization "
+            "saves nothing (name it in include= to convert it anyway)")
 
 
 def decompose(model: nn.Module, scheme: str = "channel", skip: Iterable[str] = (), *,
@@ -189,8 +193,8 @@ def left_dense(model: nn.Module, skip: str | Iterable[str], converted: list[nn.M
         elif layer_kind(module) is not None and tied:
             why = (f"its weight is tied to {tied}'s, and an SVD layer would untie them; "
                    "untie them to convert it")
-        elif layer_kind(module) is not None and _saves_nothing(module, scheme):
-            why = _saves_nothing(module, scheme)
+        elif layer_kind(module) is not None and (useless := _saves_nothing(module, scheme)):
+            why = useless
         elif layer_kind(module) is not None:
             why = "svdkern converts it, but it was not converted (skipped, or not decomposed)"
         elif isinstance(module, nn.Embedding):
@@ -238,8 +242,10 @@ def _trainable(module: nn.Module) -> bool:
     checked, and refused, without running its parametrization)."""
     if parametrize.is_parametrized(module):
         return True
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, nn.Parameter) and weight.requires_grad
+    kind = layer_kind(module)
+    names = list(COMPOSITES[kind].layout(module)) if kind in COMPOSITES else ["weight"]
+    weights = [module._parameters.get(n) for n in names]
+    return any(isinstance(w, nn.Parameter) and w.requires_grad for w in weights)
 
 
 def check_layer(name: str, module: nn.Module, tied_to: str | None = None) -> None:
@@ -275,7 +281,7 @@ def _check_convertible(label: str, module: nn.Module, kind: type) -> None:
                          f"SVD form would not run")
     # parametrized first: reading its weight would run the parametrization (spectral_norm's
     # power iteration updates its buffers)
-    names = list(COMPOSITES[kind]._layout(module)) if kind in COMPOSITES else ["weight"]
+    names = list(COMPOSITES[kind].layout(module)) if kind in COMPOSITES else ["weight"]
     if parametrize.is_parametrized(module) or not all(
             isinstance(module._parameters.get(n), nn.Parameter) for n in names):
         raise ValueError(f"{label}: its weight is reparametrized (torch.nn.utils.parametrize, "
@@ -360,19 +366,27 @@ _MODULE_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forwa
 def replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
     """Swap each module at path `name` for `replacements[name]` at every path the old module
     is used, carrying its train/eval mode and module hooks over; returns the model (the
-    replacement itself when the root is replaced)."""
+    replacement itself when the root is replaced: the other replacements then land in it)."""
     paths = module_paths(model)
+    root = replacements.get("")
+    if root is not None:
+        _carry_over(model, root)
     for name, new in replacements.items():
-        old = model.get_submodule(name)
-        new.train(old.training)
-        for attr in _MODULE_HOOKS:
-            if hasattr(old, attr):
-                setattr(new, attr, getattr(old, attr))
         if name == "":
-            return new
+            continue
+        old = model.get_submodule(name)
+        _carry_over(old, new)
         for path in paths[id(old)]:
-            set_submodule(model, path, new)
-    return model
+            set_submodule(model if root is None else root, path, new)
+    return model if root is None else root
+
+
+def _carry_over(old: nn.Module, new: nn.Module) -> None:
+    """Give `new` the train/eval mode and the module hooks of `old`, which it replaces."""
+    new.train(old.training)
+    for attr in _MODULE_HOOKS:
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -101,9 +101,13 @@ def _read_layout(path: Path) -> dict:
         raise ValueError(f"load_compressed: {path} is not valid JSON: {exc}") from exc
     if not isinstance(layout, dict) or layout.get("format") != FORMAT:
         raise ValueError(f"load_compressed: {path} is not an svdkern layout")
-    if layout.get("version") != VERSION:
+    if layout.get("version") not in (1, VERSION):
         raise ValueError(f"load_compressed: {path} has version {layout.get('version')!r}; this "
-                         f"svdkern reads version {VERSION}")
+                         f"svdkern reads versions 1 and {VERSION}")
+    if layout["version"] == 1:  # the kinds were named after the only dims they held
+        renamed = {"conv2d": "conv", "conv1d": "transformers_conv1d"}
+        return {name: {**e, "kind": renamed.get(e["kind"], e["kind"])}
+                for name, e in layout["layers"].items()}
     return layout["layers"]
 
 

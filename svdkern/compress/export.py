@@ -42,22 +42,33 @@ def export(model: nn.Module, form: str = "lowrank") -> nn.Module:
     for _, layer in svd_layers(model):
         layer.check_finite()
     out = copy.deepcopy(model)
-    if isinstance(out, (SVDLayer, SVDComposite)):
+    if isinstance(out, SVDLayer):
         return replace_modules(out, {"": plain_layers(out, form)})
+    merged = merged_on_export(out)
     composites = {name: m.to_dense() for name, m in out.named_modules()
                   if isinstance(m, SVDComposite)}
     out = replace_modules(out, composites)
-    merged = {f"{name}.{child}" if name else child for name, module in out.named_modules()
-              for kind, children in DENSE_UNDER.items() if isinstance(module, kind)
-              for child in children}
     return replace_modules(out, {name: plain_layers(layer, "dense" if name in merged else form)
                                  for name, layer in svd_layers(out)})
 
 
-def plain_layers(layer: SVDLayer | SVDComposite, form: str) -> nn.Module:
+def merged_on_export(model: nn.Module) -> set[str]:
+    """Names of the SVD layers of `model` that `export(model, "lowrank")` merges whatever
+    their rank: the matrices of attention and recurrent modules, and the linears their
+    parent multiplies by `.weight` itself (`DENSE_UNDER`). Their deployed cost is dense."""
+    merged = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, SVDComposite):
+            merged |= {f"{prefix}factors.{n}" for n, _ in svd_layers(module.factors)}
+        for kind, children in DENSE_UNDER.items():
+            if isinstance(module, kind):
+                merged |= {prefix + child for child in children}
+    return merged
+
+
+def plain_layers(layer: SVDLayer, form: str) -> nn.Module:
     """The plain-PyTorch module(s) computing `layer`."""
-    if isinstance(layer, SVDComposite):
-        return layer.to_dense()
     lowrank = form == "lowrank" and layer.worth_factorizing()
     if isinstance(layer, SVDLinear):
         return _linear_lowrank(layer) if lowrank else _linear_dense(layer)

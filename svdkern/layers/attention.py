@@ -25,12 +25,34 @@ class SVDMultiheadAttention(SVDComposite, nn.MultiheadAttention):
         nn.MultiheadAttention.__init__(self, embed_dim, num_heads, *args, **kwargs)
         self._factorize(rank, name, exact=False)
 
-    def _layout(self) -> dict[str, tuple[str, ...]]:
-        if self._qkv_same_embed_dim:
+    @staticmethod
+    def layout(module: nn.MultiheadAttention) -> dict[str, tuple[str, ...]]:
+        if module._qkv_same_embed_dim:
             return {"in_proj_weight": ("q", "k", "v")}
         return {"q_proj_weight": ("q",), "k_proj_weight": ("k",), "v_proj_weight": ("v",)}
 
     def _init_variance(self, name: str) -> float:
         """Xavier-uniform's variance 2 / (fan_in + fan_out) of the (packed) parameter."""
-        rows, cols = self._parameters[name].shape
+        if not self._factorized():  # building: the torch parameter is still there
+            rows, cols = self._parameters[name].shape
+        else:
+            parts = [self.factors[k] for k in self._stacked[name]]
+            rows, cols = sum(p.out_features for p in parts), parts[0].in_features
         return 2 / (rows + cols)
+
+    def _reset_parameters(self) -> None:
+        """torch's init (its `__init__` calls this); once factorized, `reset_parameters`."""
+        if self._factorized():
+            self.reset_parameters()
+        else:
+            super()._reset_parameters()
+
+    def _reset_rest(self) -> None:
+        """torch's init of the rest: zero in-projection and output biases, Xavier-normal
+        `bias_k` / `bias_v`."""
+        for bias in (self.in_proj_bias, self.out_proj.bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
+        for extra in (self.bias_k, self.bias_v):
+            if extra is not None:
+                nn.init.xavier_normal_(extra)

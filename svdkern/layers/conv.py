@@ -125,7 +125,7 @@ def scheme_for(dense: nn.Module, scheme: str) -> str:
     return scheme if len(dense.kernel_size) == 2 else "channel"
 
 
-def conv_spec(dense: nn.Module, scheme: str, name: str = "SVDConv2d") -> ConvSpec:
+def conv_spec(dense: nn.Module, scheme: str, name: str = "SVDConv") -> ConvSpec:
     """The geometry of the dense conv `dense` held in SVD form under `scheme` (padding made
     explicit); "spatial" needs a 2-D conv."""
     if scheme not in SCHEMES:

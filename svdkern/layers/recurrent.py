@@ -26,29 +26,61 @@ class _SVDRecurrent(SVDComposite):
         super().__init__(*args, **kwargs)  # the torch module, with torch's init
         self._factorize(rank, type(self).__name__ if name is None else name, exact=False)
 
-    def _layout(self) -> dict[str, tuple[str, ...]]:
-        return {n: (n,) for n in self._flat_weights_names if n.startswith("weight_")}
+    def _factorize(self, rank: Ranks, name: str, exact: bool) -> None:
+        super()._factorize(rank, name, exact)
+        self._flat_weights = self._flat_weight_refs = []  # drop torch's list of the dense ones
+
+    @staticmethod
+    def layout(module: nn.RNNBase) -> dict[str, tuple[str, ...]]:
+        return {n: (n,) for n in module._flat_weights_names if n.startswith("weight_")}
 
     def _init_variance(self, name: str) -> float:
         """torch's RNN init U(-1/sqrt(H), 1/sqrt(H)): variance 1 / (3 H)."""
         return 1 / (3 * self.hidden_size)
 
-    def _init_flat_weights(self) -> None:
-        """torch's RNNs keep the tensors their kernel takes in `_flat_weights`, rebuilt by
-        this method (after `.to()`, on unpickling, and in torch's forward when they
-        changed). Here the factored ones are the matrices built for the running call, and
-        None between calls: so no graph nor dense copy is kept, and `flatten_parameters()`
-        (which on cuDNN would rewrite those tensors in place, out of autograd's sight) stops
-        at the None. Overriding it is the only way in: torch has no public hook for it."""
-        views = vars(self).get("_call_views") or {}
-        stacked = vars(self).get("_stacked", {})
-        self._flat_weights = [views.get(n) if n in stacked else getattr(self, n, None)
-                              for n in self._flat_weights_names]
-        self._flat_weight_refs = [None if w is None else weakref.ref(w)
-                                  for w in self._flat_weights]
+    def reset_parameters(self) -> None:
+        """torch's init (its `__init__` calls this); once factorized, the factors from that
+        init's spectrum and the biases as torch draws them."""
+        if self._factorized():
+            super().reset_parameters()
+        else:
+            self.torch_type.reset_parameters(self)
 
-    def _refresh_weights(self) -> None:
-        self._init_flat_weights()
+    def _reset_rest(self) -> None:
+        bound = 1 / self.hidden_size ** 0.5 if self.hidden_size > 0 else 0
+        for p in self._parameters.values():
+            nn.init.uniform_(p, -bound, bound)
+
+    # torch's RNNs hand their kernel the list `_flat_weights` (with `_flat_weight_refs` to
+    # see when it changed), kept on the module and rebuilt by `_init_flat_weights` (after
+    # `.to()`, on unpickling, in the forward). Once factorized the list is computed on each
+    # read instead: the matrices built for this thread's running call, and None between
+    # calls, so no graph nor dense copy is kept, two threads never see each other's, and
+    # `flatten_parameters()` (which on cuDNN would rewrite the tensors in place, out of
+    # autograd's sight) stops at the None. Properties over these two private attributes are
+    # the only way in: torch has no public hook for them.
+    @property
+    def _flat_weights(self) -> list:
+        stacked = vars(self).get("_stacked")
+        if stacked is None:  # torch's __init__, before the factors exist
+            return vars(self)["_flat_weights"]
+        views = self._call_views() or {}
+        return [views.get(n) if n in stacked else getattr(self, n, None)
+                for n in self._flat_weights_names]
+
+    @_flat_weights.setter
+    def _flat_weights(self, value: list) -> None:
+        # read only until the factors exist; after, torch's writes hold no dense copy
+        vars(self)["_flat_weights"] = [] if "_stacked" in vars(self) else value
+
+    @property
+    def _flat_weight_refs(self) -> list:
+        return [None if w is None else weakref.ref(w) for w in self._flat_weights]
+
+    @_flat_weight_refs.setter
+    def _flat_weight_refs(self, value: list) -> None:
+        vars(self)["_flat_weight_refs"] = []  # never read (computed above); torch's
+        # __getstate__ deletes the entry
 
     def _rebuilt(self, dense: nn.Module) -> None:
         dense._init_flat_weights()  # torch's own, on the plain module: its real parameters

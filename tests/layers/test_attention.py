@@ -142,3 +142,47 @@ def test_from_scratch_ranks_and_xavier_spectrum():
     xavier = nn.MultiheadAttention(256, 4).in_proj_weight.detach()[:256]
     spectrum = torch.linalg.svdvals(full.factors.q.weight.detach())
     assert rel_err(spectrum.median(), torch.linalg.svdvals(xavier).median()) < 0.05
+
+
+def test_review_cases(tmp_path):
+    """A bare attention module converts its out_proj too and exports fully plain; its
+    reset keeps the SVD form; the deployed cost of attention is dense; a version-1
+    artifact still loads."""
+    from types import SimpleNamespace
+    from svdkern.app.pipeline import costs
+    torch.manual_seed(0)
+    bare = svdkern.decompose(nn.MultiheadAttention(8, 2).double())
+    assert sorted(n for n, _ in svdkern.svd_layers(bare)) == ["factors.k", "factors.q",
+                                                               "factors.v", "out_proj"]
+    plain = svdkern.export(bare)
+    assert type(plain) is nn.MultiheadAttention and type(plain.out_proj) is not svdkern.SVDLinear
+    x = torch.randn(4, 2, 8, dtype=torch.float64)
+    assert rel_err(plain(x, x, x)[0], bare(x, x, x)[0]) < 1e-12
+    bare._reset_parameters()
+    U = bare.factors.k.U
+    torch.testing.assert_close(U.t() @ U, torch.eye(8, dtype=torch.float64), atol=1e-10, rtol=0)
+    assert bare.in_proj_bias.abs().max() == 0
+
+    model = svdkern.decompose(nn.Sequential(nn.TransformerEncoderLayer(
+        8, 2, 16, dropout=0.0, batch_first=True), nn.Flatten(), nn.Linear(8 * 3, 2)))
+    svdkern.prune(model, energy=0.5)
+    data = SimpleNamespace(test_x=torch.randn(1, 3, 8))
+    c = costs(model, data)
+    linear = dict(svdkern.svd_layers(model))["2"]
+    # q, k, v, out_proj, linear1, linear2 and their SVD layers' biases (in_proj_bias is
+    # attention's own, outside the SVD layers the costs count)
+    merged_dense = 4 * 8 * 8 + 2 * 8 * 16 + 8 + 16 + 8
+    assert c["deployed_params"] == merged_dense + (linear.lowrank_params()
+                                                   if linear.worth_factorizing()
+                                                   else 8 * 3 * 2 + 2)
+
+    import json
+    svdkern.save_compressed(model, tmp_path / "v1")
+    layout_file = tmp_path / "v1" / "svdkern.json"
+    layout = json.loads(layout_file.read_text())
+    layout["version"] = 1
+    layout_file.write_text(json.dumps(layout))
+    fresh = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+                          nn.Flatten(), nn.Linear(8 * 3, 2))
+    y = svdkern.load_compressed(fresh, tmp_path / "v1")(data.test_x)
+    assert rel_err(y, model(data.test_x)) < 1e-5

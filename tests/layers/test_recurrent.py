@@ -135,3 +135,58 @@ def test_from_scratch_follows_torch_init_spectrum():
         want = torch.linalg.svdvals(getattr(dense, name).detach()).median()
         got = torch.linalg.svdvals(getattr(layer, name).detach()).median()
         assert rel_err(got, want) < 0.05, name
+
+
+def test_review_cases(tmp_path):
+    """reset_parameters keeps the SVD form; a thin input matrix does not keep the whole
+    LSTM dense; threads do not share a call's matrices; a subclass converts; tied weights
+    are named as tied."""
+    import threading
+    import warnings
+    layer = SVDLSTM(16, 32)
+    layer.reset_parameters()
+    U = layer.factors.weight_hh_l0.U
+    torch.testing.assert_close(U.t() @ U, torch.eye(32), atol=1e-5, rtol=0)
+    bound = 1 / 32 ** 0.5
+    assert layer.bias_ih_l0.abs().max() <= bound and layer.bias_ih_l0.std() > bound / 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        thin = svdkern.decompose(nn.Sequential(nn.LSTM(1, 8)))  # weight_ih_l0 is 32 x 1
+    assert isinstance(thin[0], SVDLSTM)
+    with pytest.warns(UserWarning, match=r"0 \(every weight matrix is 1x1, of rank <= 1"):
+        svdkern.decompose(nn.Sequential(nn.RNN(1, 1), nn.Linear(3, 3)))
+
+    model = SVDGRU.from_dense(nn.GRU(4, 6).double()).eval()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)[0]
+    errors, outputs = [], []
+
+    def work():
+        try:
+            with torch.no_grad():
+                for _ in range(20):
+                    outputs.append(rel_err(model(x)[0], expected))
+        except Exception as exc:  # noqa: BLE001 (collected and reported below)
+            errors.append(exc)
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and max(outputs) < 1e-12
+
+    class MyLSTM(nn.LSTM):
+        pass
+    sub = svdkern.decompose(nn.Sequential(MyLSTM(3, 4).double()))
+    assert isinstance(sub[0], SVDLSTM)
+
+    a, b = nn.LSTM(3, 4), nn.LSTM(3, 4)
+    b.weight_hh_l0 = a.weight_hh_l0
+    with pytest.warns(UserWarning, match="tied to"):
+        svdkern.decompose(nn.Sequential(a, b, nn.Linear(4, 4)))
+
+    dense = model.to_dense()
+    dense.register_forward_hook(lambda *args: errors.append("hook ran"))
+    model(x)
+    assert errors == []
