@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .pipeline import rule_label  # noqa: E402
+
 COLORS = {"svd": "tab:blue", "trp": "tab:orange", "truncate": "tab:green", "dense": "black"}
 
 
@@ -17,24 +19,31 @@ def plot_spectra(result: dict, path: str) -> None:
     names = list(spec["after"])
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    height = 2.4 * rows + 0.6  # inches; 0.6 for the title and the bottom axis labels
+    height = 2.4 * rows + 1.0  # inches; 1.0 for the title, the x labels and the legend
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, height), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        for key, style in (("init", dict(color="0.6", ls="--", label="init")),
-                           ("before", dict(color="tab:blue", label="before")),
-                           ("after", dict(color="tab:red", marker=".", ls="", label="after"))):
+    for i, (ax, name) in enumerate(zip(axes.flat, names)):
+        for key, style in (("init", dict(color="0.6", ls="--", label="at initialization")),
+                           ("before", dict(color="tab:blue", label="end of training, before "
+                                                                   "pruning")),
+                           ("after", dict(color="tab:red", marker=".", ls="",
+                                          label="kept by pruning, after fine-tuning"))):
             values = spec[key].get(name)
             if values:
                 ax.semilogy(range(1, len(values) + 1), [max(v, 1e-12) for v in values], **style)
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=7)
+        if i % cols == 0:
+            ax.set_ylabel("singular value (log)", fontsize=7)
+        if i >= len(names) - cols:
+            ax.set_xlabel("index (largest first)", fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{result['method']} (energy {result['energy']}): singular values per layer",
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=3,
+               fontsize=7, frameon=False)
+    fig.suptitle(f"{result['method']} ({rule_label(result)}): singular values per layer",
                  fontsize=9)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.3 / height, top=1 - 0.45 / height,
-                        hspace=0.5, wspace=0.3)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.75 / height, top=1 - 0.45 / height,
+                        hspace=0.55, wspace=0.3)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -49,20 +58,21 @@ def plot_ranks(result: dict, path: str) -> None:
     ax.bar(range(len(names)), kept, color=COLORS.get(result["method"], "tab:blue"), label="kept")
     ax.set_xticks(range(len(names)), names, rotation=70, fontsize=7)
     ax.set_ylabel("rank")
+    ax.set_xlabel("layer")
     ax.legend(fontsize=8)
-    ax.set_title(f"{result['method']} (energy {result['energy']}): rank per layer", fontsize=9)
+    ax.set_title(f"{result['method']} ({rule_label(result)}): rank per layer", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def plot_accuracy_flops(results: list[dict], path: str,
-                        reference: tuple[str, float] | None = None) -> None:
+def plot_accuracy_flops(results: list[dict], path: str, dense_accuracy: float) -> None:
     """Test accuracy against deployed FLOPs per sample (fraction of dense), one line per
-    method, points labelled by energy threshold; `reference` (label, accuracy) as a line.
-    Points far below the best accuracy are drawn on the axis floor, labelled with it."""
+    method, points labelled by energy threshold, and the dense model (1.0x) as a point with
+    its accuracy as a dotted line. Points far below the best accuracy are drawn on the axis
+    floor, labelled with their accuracy."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    accs = [r["accuracy"] for r in results] + ([reference[1]] if reference else [])
+    accs = [r["accuracy"] for r in results] + [dense_accuracy]
     # the y axis shows at most 25 points below the best; lower points sit on the floor
     floor = max(min(accs) - 1, max(accs) - 25)
     for method in dict.fromkeys(r["method"] for r in results):
@@ -70,17 +80,23 @@ def plot_accuracy_flops(results: list[dict], path: str,
         xs = [r["deployed_flops"] / r["dense_flops"] for r in rows]
         ys = [max(r["accuracy"], floor) for r in rows]
         ax.plot(xs, ys, marker="o", color=COLORS.get(method), label=method)
-        for x, y, r in zip(xs, ys, rows):
-            label = f"{r['energy']:g}" + (f" ({r['accuracy']:.0f}%)" if r["accuracy"] < floor else "")
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for i, (x, y, r) in enumerate(zip(xs, ys, rows)):
+            label = (rule_label(r).replace("energy", "e").replace("threshold", "t")
+                     + (f" ({r['accuracy']:.0f}%)" if r["accuracy"] < floor else ""))
+            # alternate above and below the line, so neighbouring labels do not overlap
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 5 if i % 2 == 0 else -11),
+                        textcoords="offset points", color=COLORS.get(method))
+    ax.plot([1.0], [dense_accuracy], marker="*", markersize=11, color=COLORS["dense"], ls="",
+            label=f"dense ({dense_accuracy:.2f}%)")
+    ax.axhline(dense_accuracy, color=COLORS["dense"], ls=":", lw=1)
     ax.set_xscale("log")
-    ax.set_ylim(floor - 0.5, max(accs) + 1)
-    if reference is not None:
-        ax.axhline(reference[1], color="black", ls=":", label=reference[0])
-    ax.set_xlabel("FLOPs per sample / dense FLOPs (deployed, log scale)")
+    ax.set_ylim(floor - 0.5, min(max(accs) + 1, 100.5))
+    ax.set_xlabel("deployed FLOPs per sample / dense FLOPs (log scale)")
     ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy against compute; e: energy threshold of pruning, t: value "
+                 "threshold", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -26,11 +26,16 @@ from ..reference import (SCHEMES, ConvSpec, check_energy, check_rank_multiple,
 class TRP:
     """Drive TRP on `model`'s `nn.Linear` and `nn.Conv1d/2d/3d` layers inside any training loop.
 
-    Call `after_backward()` once the task loss has been back-propagated (it adds
-    `nuclear * U_k V_k^T` to each weight's gradient, with `U_k, V_k` the factors the energy
-    rule keeps, as in the official code), and `after_step()` after `optimizer.step()` (every
-    `period` calls it replaces each weight by its rank-k truncated SVD). `ranks` holds the
-    ranks of the last truncation; `to_svd()` builds the low-rank model at those ranks.
+    Call `after_backward()` once the task loss has been back-propagated and `after_step()`
+    after `optimizer.step()`. `schedule="official"` (the default) runs the official
+    `cifar-TRP.py`: every weight is replaced by its rank-k truncated SVD (k by the energy
+    rule) before the first step (when TRP is built) and then every `period` steps, and on
+    the step right after each truncation `after_backward()` adds `nuclear * U_k V_k^T`, from
+    the SVD that truncation took, to each weight's gradient. `schedule="per_step"` is the
+    paper's loss instead: the nuclear subgradient from a fresh SVD on every step, the
+    truncation after every `period`-th step (docs/SPEC.md section 2). The official code
+    counts its period within each epoch; this counts optimizer steps across epochs. `ranks`
+    holds the ranks of the last truncation; `to_svd()` builds the low-rank model there.
 
     `energy` is the fraction of `sum s_j^2` a truncation may drop (0.1 keeps 0.9, the
     official default); `scheme` picks the conv matrix layout ("channel" or "spatial");
@@ -38,13 +43,20 @@ class TRP:
     whose weight is frozen are left alone too; layers whose SVD form would compute
     something else are refused by name up front, as `decompose` refuses them
     (`convert.convertible_layers`); `rank_multiple` rounds the kept ranks up as in
-    `svdkern.prune`.
+    `svdkern.prune`. `scope="official"` truncates only what the official code does: the
+    Conv2d layers with a kernel larger than 1x1, except the first conv of the model
+    (`scope="all"`, the default: every linear and conv).
     """
 
     def __init__(self, model: nn.Module, energy: float = 0.1, nuclear: float = 3e-4,
                  period: int = 5, scheme: str = "channel", skip: Iterable[str] = (),
-                 rank_multiple: int = 1) -> None:
+                 rank_multiple: int = 1, *, schedule: str = "official",
+                 scope: str = "all") -> None:
         energy = check_energy("TRP", energy)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"TRP: unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+        if scope not in SCOPES:
+            raise ValueError(f"TRP: unknown scope {scope!r}; expected one of {SCOPES}")
         if not (isinstance(nuclear, (int, float)) and math.isfinite(nuclear) and nuclear >= 0):
             raise ValueError(f"TRP: nuclear must be a finite number >= 0, got {nuclear!r}")
         if not (isinstance(period, int) and period >= 1):
@@ -55,6 +67,8 @@ class TRP:
         # the layers to_svd() will convert: checked now, as decompose would, by name
         self.layers = dict(convertible_layers(model, skip, kinds=(nn.Linear, *SVD_CONVS),
                                               frozen_unchecked=True))
+        if scope == "official":
+            self.layers = _official_scope(model, self.layers)
         if not self.layers:
             raise ValueError("TRP: the model has no nn.Linear or nn.Conv1d/2d/3d layer to "
                              "truncate")
@@ -66,13 +80,18 @@ class TRP:
         self.rank_multiple = rank_multiple
         self.specs: dict[str, ConvSpec] = {}  # conv layers' geometry, once each trains
         self.ranks: dict[str, int] = {}  # rank of each trained layer's last truncation
+        self.schedule = schedule
         self.steps = 0
         self._checked: set[str] = set()
+        # official schedule: the subgradients of the last truncation, for the step after it
+        self._pending: dict[str, Tensor] = {}
         self.trained()  # the trainable layers are checked now, by name
         for name, layer in self.layers.items():  # frozen ones keep their full rank
             if name not in self.ranks and not isinstance(
                     layer.weight, nn.parameter.UninitializedParameter):
                 self.ranks[name] = min(matrix_shapes(layer, scheme)[0])
+        if schedule == "official":
+            self.truncate()  # before the first step
 
     def trained(self) -> list[str]:
         """The layers TRP drives: those whose weight is not frozen, each checked (as decompose
@@ -125,14 +144,19 @@ class TRP:
     # ------------------------------------------------------------------ the two TRP steps
     @torch.no_grad()
     def after_backward(self) -> None:
-        """Add the nuclear-norm subgradient `nuclear * U_k V_k^T` to every weight gradient
-        (every step, the paper's loss; the official code adds it on truncation steps only,
-        docs/SPEC.md section 2)."""
+        """Add the nuclear-norm subgradient `nuclear * U_k V_k^T` to the weight gradients:
+        on the step after each truncation from its SVD (official schedule), or every step
+        from a fresh SVD (per_step)."""
+        if self.schedule == "official":
+            subgradients, self._pending = self._pending, {}
+        else:
+            subgradients = {name: self._to_weight(name, U[..., :k] @ Vh[..., :k, :])
+                            for name, (U, _, Vh, k) in self.low_rank_parts().items()}
         if self.nuclear == 0:
             return
-        for name, (U, _, Vh, k) in self.low_rank_parts().items():
+        for name, sub in subgradients.items():
             layer = self.layers[name]
-            sub = self._to_weight(name, U[..., :k] @ Vh[..., :k, :]).to(layer.weight.dtype)
+            sub = sub.to(layer.weight.dtype)
             if layer.weight.grad is None:
                 layer.weight.grad = self.nuclear * sub
             else:
@@ -149,12 +173,16 @@ class TRP:
 
     @torch.no_grad()
     def truncate(self) -> dict[str, int]:
-        """Replace every weight by its rank-k truncated SVD (k by the energy rule), in place."""
+        """Replace every weight by its rank-k truncated SVD (k by the energy rule), in place;
+        under the official schedule keep `U_k V_k^T` of that SVD for the next step's
+        `after_backward`."""
         for name, (U, s, Vh, k) in self.low_rank_parts().items():
             layer = self.layers[name]
             low = (U[..., :k] * s[..., None, :k]) @ Vh[..., :k, :]
             layer.weight.copy_(self._to_weight(name, low).to(layer.weight.dtype))
             self.ranks[name] = k
+            if self.schedule == "official":
+                self._pending[name] = self._to_weight(name, U[..., :k] @ Vh[..., :k, :])
         return dict(self.ranks)
 
     # ------------------------------------------------------------------ export
@@ -175,3 +203,14 @@ class TRP:
                     layer, scheme_for(layer, self.scheme), rank=rank, name=label))
         return replace_modules(out, replacements)
 
+
+SCHEDULES = ("official", "per_step")
+SCOPES = ("all", "official")
+
+
+def _official_scope(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The layers the official `cifar-TRP.py` truncates (`get_look_up_table`): Conv2d with a
+    kernel larger than 1x1, the first of those in the model excepted."""
+    spatial = [name for name, m in model.named_modules()
+               if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != (1, 1)]
+    return {name: layer for name, layer in layers.items() if name in spatial[1:]}

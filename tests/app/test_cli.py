@@ -37,7 +37,12 @@ def test_train_writes_json_report_plots(tmp_path, capsys, method, model):
         assert len(r["spectra"]["before"][l["name"]]) == l["full_rank"]
     assert r["deployed_flops"] <= r["dense_flops"] and r["flops"] == r["summary"]["total"]["flops"]
     assert any(k < full for k, full in r["ranks"].values())  # energy 0.2 prunes something
-    assert f"test accuracy {r['accuracy']:.2f}%" in printed and "total" in printed
+    assert 0 <= r["dense_accuracy"] <= 100
+    first = printed.splitlines()[0]  # the reduction, the accuracy and the dense model's first
+    assert first == (f"{method} energy=0.2: {r['dense_flops'] / r['deployed_flops']:.1f}x fewer "
+                     f"deployed FLOPs than dense at {r['accuracy']:.2f}% test accuracy (dense "
+                     f"model, same budget: {r['dense_accuracy']:.2f}%)")
+    assert "total" in printed
     report = (out / "report.md").read_text()
     assert f"# svdkern train: {method}" in report and r["table"] in report
     for png in ("spectra.png", "ranks.png", "accuracy_vs_flops.png"):
@@ -100,10 +105,15 @@ def test_bad_setting_is_a_clear_error_before_any_work(tmp_path, capsys, command,
 
 def test_sparsity_start_trains_orthogonality_only_first(tmp_path, monkeypatch):
     """--sparsity-start E: the paper's stage 1 (orthogonality only) for E epochs, then the
-    sparsity term, then fine-tuning without it: recorded at every penalty call."""
+    sparsity term, then fine-tuning without it: recorded at every penalty call; each stage
+    with a fresh optimizer, as the official scripts run them."""
+    import svdkern.app.pipeline as pipeline
     from svdkern.methods.svd_training import SVDTraining
-    seen = []
+    seen, built = [], []
     penalty = SVDTraining.penalty
+    make = pipeline.make_optimizer
+    monkeypatch.setattr(pipeline, "make_optimizer",
+                        lambda cfg, model: built.append(model) or make(cfg, model))
 
     def recording(self):
         seen.append(self.regularizer.sparsity)
@@ -111,8 +121,10 @@ def test_sparsity_start_trains_orthogonality_only_first(tmp_path, monkeypatch):
     monkeypatch.setattr(SVDTraining, "penalty", recording)
     assert main(["train", "--model", "mlp", "--epochs", "3", "--finetune-epochs", "1",
                  "--sparsity-start", "1", "--no-progress", "--train-samples", "300",
-                 "--out", str(tmp_path)]) == 0
+                 "--batch-size", "100", "--out", str(tmp_path)]) == 0
     assert seen == [None] * 3 + ["hoyer"] * 3 + [None] * 3  # 300 samples = 3 batches/epoch
+    # stage 1, stage 2 and fine-tuning each built one (the last model, the dense baseline's)
+    assert len(built) == 4 and built[0] is built[1] and built[1] is not built[2]
 
 
 def test_sparsity_start_after_pruning_is_a_clear_error(tmp_path, capsys):
@@ -154,8 +166,20 @@ def test_help_shows_every_default():
     text = subprocess.run([sys.executable, "-m", "svdkern", "train", "--help"], capture_output=True,
                           text=True, check=True).stdout
     for piece in ("(default: svd)", "(default: svdkern-run)", "(default: cnn)",
-                  "(default: 0.05)", "(default: hoyer)", "0.01 hoyer_square"):
+                  "(default: 0.002 on digits, 0.01 on cifar10)", "(default: hoyer)",
+                  "0.01 hoyer_square", "default: official"):
         assert piece in " ".join(text.split()), piece
     text = subprocess.run([sys.executable, "-m", "svdkern", "compare", "--help"],
                           capture_output=True, text=True, check=True).stdout
     assert "(default: svd,trp,truncate)" in " ".join(text.split())
+
+
+def test_threshold_prunes_by_value_and_trp_refuses_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "truncate", "--model", "mlp", "--threshold", "0.5",
+                 "--out", str(out), *TINY]) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["threshold"] == 0.5 and r["energy"] is None
+    assert capsys.readouterr().out.startswith("truncate threshold=0.5: ")
+    assert main(["train", "--method", "trp", "--threshold", "0.5", "--out", str(out)]) == 2
+    assert "TRP truncates by the energy rule" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def test_nuclear_subgradient_rotated_matrix_full_rank():
 def test_truncation_every_period_steps_hand_computed():
     w = torch.diag(torch.tensor([4.0, 2.0, 0.5, 0.1]))[:, :3]  # 4x3, s = (4, 2, 0.5)
     layer = _linear_with_weight(w)
-    trp = TRP(layer, energy=0.05, nuclear=0.0, period=3)
+    trp = TRP(layer, energy=0.05, nuclear=0.0, period=3, schedule="per_step")
     # 0.05 * (16 + 4 + 0.25) = 1.0125: drops 0.25 only -> rank 2
     assert [trp.after_step() for _ in range(2)] == [False, False]
     torch.testing.assert_close(layer.weight.detach(), w)
@@ -112,7 +112,7 @@ def test_nuclear_pushes_singular_values_down_under_sgd():
     layer = _linear_with_weight(q1 @ torch.diag(torch.arange(1.0, 7.0)) @ q2)
     before = torch.linalg.svdvals(layer.weight.detach()).sum()
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-    trp = TRP(layer, energy=0.0, nuclear=0.1, period=1000)
+    trp = TRP(layer, energy=0.0, nuclear=0.1, period=1000, schedule="per_step")
     for _ in range(3):
         opt.zero_grad()
         trp.after_backward()
@@ -157,7 +157,7 @@ def test_frozen_and_skipped_layers_are_left_alone():
 def test_non_finite_weight_is_an_error_naming_the_layer(bad):
     """NaN makes the SVD fail, Inf makes it return NaN silently: both are refused by name."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
-    trp = TRP(model)
+    trp = TRP(model, schedule="per_step")
     with torch.no_grad():
         model[1].weight[0, 0] = bad
     for call in (trp.after_backward, trp.truncate):
@@ -197,3 +197,35 @@ def test_lazy_frozen_and_bare_layers_are_named():
         TRP(odd)  # the trainable lazy layer is named ...
     odd[2] = nn.Linear(3, 2)
     assert TRP(odd).trained() == ["2"]  # ... the frozen 'same'-padded conv is never read
+
+
+def test_official_schedule_hand_computed():
+    """cifar-TRP.py: truncate before the first step and after every `period` steps; the
+    nuclear subgradient U_k V_k^T of that truncation's SVD only on the step after it."""
+    w = torch.diag(torch.tensor([4.0, 2.0, 0.5, 0.1]))[:, :3]  # 4x3, s = (4, 2, 0.5)
+    layer = _linear_with_weight(w)
+    trp = TRP(layer, energy=0.05, nuclear=0.1, period=3)  # the default schedule
+    truncated = torch.diag(torch.tensor([4.0, 2.0, 0.0, 0.0]))[:, :3]
+    torch.testing.assert_close(layer.weight.detach(), truncated)  # before the first step
+    sub = torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0]))[:, :3]  # U_2 V_2^T
+    added = []
+    for step in range(7):
+        layer.weight.grad = torch.zeros_like(w)
+        trp.after_backward()
+        added.append(layer.weight.grad.clone())
+        trp.after_step()
+    for step, grad in enumerate(added):  # steps 0, 3, 6 follow a truncation
+        expected = 0.1 * sub if step % 3 == 0 else torch.zeros_like(w)
+        torch.testing.assert_close(grad, expected, msg=f"step {step}")
+    assert trp.ranks == {"": 2}
+
+
+def test_official_scope_skips_the_first_conv_the_1x1_convs_and_linears():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3),
+                          nn.Conv2d(8, 8, (3, 1)), nn.Flatten(), nn.LazyLinear(4))
+    trp = TRP(model, scope="official", skip=["5"])
+    assert sorted(trp.layers) == ["2", "3"]
+    with pytest.raises(ValueError, match="unknown scope 'some'"):
+        TRP(model, scope="some", skip=["5"])
+    with pytest.raises(ValueError, match="unknown schedule 'daily'"):
+        TRP(model, schedule="daily", skip=["5"])
