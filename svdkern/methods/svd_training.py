@@ -119,6 +119,11 @@ class SVDTraining:
                 loss = F.cross_entropy(model(x), y) + hook.penalty()
                 optimizer.zero_grad(); loss.backward(); optimizer.step()
 
+    `stage` is "orthogonality" (before `sparsity_start`, the paper's stage 1), "sparsity"
+    (stage 2) or "finetune" (after the prune); `on_epoch_start` returns True when a stage
+    begins, so a loop can give each stage a fresh optimizer and schedule, as the official
+    scripts do (`Start up code.md`; `python -m svdkern train` runs it so).
+
     `threshold` prunes by the value rule instead of `energy` (exactly one; neither: energy
     0.01; see `svdkern.prune`); `prune_step` prunes after that many optimizer steps
     (`on_step_end`; 0: before the first) instead of at an epoch; `precision` is the
@@ -152,15 +157,25 @@ class SVDTraining:
         self.finetuning = False
         self.regularizer.sparsity = None if sparsity_start > 0 else sparsity
 
-    def on_epoch_start(self, epoch: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Apply the schedule for `epoch` (0-based). Pass the optimizer so pruning slices its
-        state; without it, rebuild the optimizer after the pruning epoch."""
+    @property
+    def stage(self) -> str:
+        """"orthogonality", "sparsity" or "finetune": the paper's stage now."""
+        if self.finetuning:
+            return "finetune"
+        return "orthogonality" if self.regularizer.sparsity is None else "sparsity"
+
+    def on_epoch_start(self, epoch: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Apply the schedule for `epoch` (0-based); True when a stage begins with it (the
+        first epoch, the sparsity term's, the prune's). Pass the optimizer so pruning
+        slices its state; without it, rebuild the optimizer after the pruning epoch."""
+        before = self.stage
         if self.prune_epoch is not None and epoch > self.prune_epoch and not self.finetuning:
             self.start_finetuning()  # resumed after the pruning epoch: already pruned
         if not self.finetuning:
             self.regularizer.sparsity = self.sparsity if epoch >= self.sparsity_start else None
         if self.prune_epoch is not None and epoch == self.prune_epoch and not self.finetuning:
             self.prune_now(optimizer)
+        return epoch == 0 or self.stage != before
 
     def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """After optimizer step number `step` (1-based, as trainers count; 0: before the first

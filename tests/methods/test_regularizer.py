@@ -62,3 +62,16 @@ def test_bad_settings_and_nothing_to_add_are_errors():
     reg.sparsity = None  # switched off later, e.g. for fine-tuning
     with pytest.raises(ValueError, match="nothing"):
         reg()
+
+
+def test_stages_of_the_paper_and_when_each_begins():
+    """Orthogonality only until sparsity_start, the sparsity term until the prune, then
+    fine-tuning: on_epoch_start says when each begins (a loop rebuilds its optimizer)."""
+    from svdkern import SVDTraining
+    model = _model()
+    hook = SVDTraining(model, sparsity_start=2, prune_epoch=4)
+    began = {epoch: (hook.on_epoch_start(epoch), hook.stage) for epoch in range(6)}
+    assert began == {0: (True, "orthogonality"), 1: (False, "orthogonality"),
+                     2: (True, "sparsity"), 3: (False, "sparsity"), 4: (True, "finetune"),
+                     5: (False, "finetune")}
+    assert SVDTraining(_model(), sparsity=None).stage == "orthogonality"  # no sparsity term
