@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import backend
-from .reference import ConvSpec, conv_chain_geometry
+from .reference import ConvSpec, conv_chain_geometry, conv_chain_kernels
 
 # Largest rank the fused Triton kernel keeps on chip (the B x r block of h = x V lives in
 # registers, padded to a power of two >= 16). Above it the chain runs as PyTorch GEMMs.
@@ -79,11 +79,7 @@ def conv_chain_and_dense_flops(x_shape: tuple[int, ...], spec: ConvSpec,
     g = spec.groups
     c_g = spec.in_channels // g
     geo1, geo2 = conv_chain_geometry(spec)
-    if spec.scheme == "channel":
-        k1, k2 = spec.kernel_size, (1,) * d
-    else:
-        (kh, kw) = spec.kernel_size
-        k1, k2 = (kh, 1), (1, kw)
+    k1, k2 = conv_chain_kernels(spec)
     first, mid = _conv_flops(n_img, size, g * r, c_g, k1, geo1)
     second, _ = _conv_flops(n_img, mid, spec.out_channels, r, k2, geo2)
     full = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation)

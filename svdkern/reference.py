@@ -94,22 +94,28 @@ def conv_weight(U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec) -> Tensor:
     return conv_matrix_to_weight(materialize(U, s, V), spec)
 
 
-def conv_chain_weights(U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec) -> tuple[Tensor, Tensor]:
-    """Weights of the two thin convs that compute the layer; `s` is folded into the second.
+def conv_chain_kernels(spec: ConvSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Kernel sizes of the two thin convs: channel (*kernel) then (1, ...); spatial
+    (kh, 1) then (1, kw)."""
+    if spec.scheme == "channel":
+        return tuple(spec.kernel_size), (1,) * spec.dims
+    kh, kw = spec.kernel_size
+    return (kh, 1), (1, kw)
 
-    channel: first (g*r, c/g, *kernel), second (n, r, 1, ...).
-    spatial: first (g*r, c/g, kh, 1), second (n, r, 1, kw).
-    """
+
+def conv_chain_weights(U: Tensor, s: Tensor, V: Tensor, spec: ConvSpec) -> tuple[Tensor, Tensor]:
+    """Weights of the two thin convs that compute the layer (`conv_chain_kernels`); `s` is
+    folded into the second: first (g*r, c/g, *k1), second (n, r, *k2)."""
     g, _, r = U.shape
     n_g = spec.out_channels // g
     c_g = spec.in_channels // g
     Us = U * s.unsqueeze(-2)
+    k1, k2 = conv_chain_kernels(spec)
+    first = V.transpose(1, 2).reshape(g * r, c_g, *k1)
     if spec.scheme == "channel":
-        first = V.transpose(1, 2).reshape(g * r, c_g, *spec.kernel_size)
-        second = Us.reshape(g * n_g, r, *(1,) * spec.dims)
+        second = Us.reshape(g * n_g, r, *k2)
     else:
-        kh, kw = spec.kernel_size
-        first = V.transpose(1, 2).reshape(g * r, c_g, kh, 1)
+        kw = k2[1]
         # contiguous: CPU Inductor (torch 2.13) computed grouped convs with the permuted view
         # wrong at ranks >= 2 (tests/test_compile.py checks it)
         second = (Us.reshape(g, n_g, kw, r).permute(0, 1, 3, 2).reshape(g * n_g, r, 1, kw)

@@ -196,7 +196,8 @@ def headline(r: dict) -> str:
     """The reduction, the accuracy and the dense model's first; the details after."""
     dense = (f" (dense model, same budget: {r['dense_accuracy']:.2f}%)"
              if "dense_accuracy" in r else "")
-    return (f"{r['method']} {rule_label(r)}: {r['dense_flops'] / r['deployed_flops']:.1f}x "
+    rule = rule_label(r["threshold"], r["energy"])
+    return (f"{r['method']} {rule}: {r['dense_flops'] / r['deployed_flops']:.1f}x "
             f"fewer deployed FLOPs than dense at {r['accuracy']:.2f}% test accuracy{dense}\n"
             f"  deployed FLOPs {r['deployed_flops']:,} / {r['dense_flops']:,} per sample, params "
             f"{r['deployed_params']:,} / {r['dense_params']:,}; accuracy before pruning "

@@ -188,9 +188,11 @@ class Run:
             bar.set_postfix(loss=f"{total / count:.3f}", acc=f"{acc:.1f}")
 
     def fork(self) -> "Run":
-        """An independent copy (model, optimizer state and data order) to branch from."""
+        """An independent copy (model and data order) to branch from, with a fresh
+        optimizer: every branch starts a stage (the paper's fine-tuning, truncation's)."""
         other = copy.copy(self)
-        other.model, other.optimizer = copy.deepcopy((self.model, self.optimizer))
+        other.model = copy.deepcopy(self.model)
+        other.optimizer = make_optimizer(self.cfg, other.model)
         other.gen = torch.Generator().manual_seed(0)
         other.gen.set_state(self.gen.get_state())
         other.history = list(self.history)
@@ -261,13 +263,8 @@ def run_method(cfg: TrainConfig, data: Dataset, energies: list[float] | None = N
     return runner(cfg, data, energies, progress)
 
 
-def rule_label(cfg_or_result, energy: float | None = None) -> str:
-    """"energy=0.01" or "threshold=0.1": the pruning rule of a run (a config with the
-    energy at hand, or a result dict)."""
-    if isinstance(cfg_or_result, dict):
-        threshold, energy = cfg_or_result.get("threshold"), cfg_or_result["energy"]
-    else:
-        threshold = cfg_or_result.threshold
+def rule_label(threshold: float | None, energy: float | None) -> str:
+    """"threshold=0.1" or "energy=0.01": the pruning rule of a run."""
     return f"threshold={threshold:g}" if threshold is not None else f"energy={energy:g}"
 
 
@@ -311,11 +308,10 @@ def _run_svd(cfg: TrainConfig, data: Dataset, energies: list[float], progress: b
         branch = run.fork()
         hook = SVDTraining(branch.model, cfg.lambda_o, cfg.sparsity, cfg.lambda_s, energy,
                            rank_multiple=cfg.rank_multiple, threshold=cfg.threshold)
-        hook.prune_now()
-        branch.rebuild_optimizer()
+        hook.prune_now()  # the branch's fresh optimizer has no state to slice yet
         if cfg.finetune_epochs:
-            branch.train(range(prune_at, cfg.epochs), f"svd finetune {rule_label(cfg, energy)}",
-                         penalty=hook.penalty)
+            branch.train(range(prune_at, cfg.epochs),
+                         f"svd finetune {rule_label(cfg.threshold, energy)}", penalty=hook.penalty)
         results.append(_result(cfg, energy, branch, branch.model, acc_before, spec_init,
                                spec_before, shared + time.perf_counter() - t1))
     return results
@@ -340,7 +336,7 @@ def _run_truncate(cfg: TrainConfig, data: Dataset, energies: list[float], progre
         branch.rebuild_optimizer()
         if cfg.finetune_epochs:
             branch.train(range(prune_at, cfg.epochs),
-                         f"truncate finetune {rule_label(cfg, energy)}")
+                         f"truncate finetune {rule_label(cfg.threshold, energy)}")
         results.append(_result(cfg, energy, branch, branch.model, acc_before, spec_init,
                                spec_before, shared + time.perf_counter() - t1,
                                {"accuracy_truncated": acc_truncated}))

@@ -40,7 +40,8 @@ def plot_spectra(result: dict, path: str) -> None:
         ax.axis("off")
     fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=3,
                fontsize=7, frameon=False)
-    fig.suptitle(f"{result['method']} ({rule_label(result)}): singular values per layer",
+    rule = rule_label(result["threshold"], result["energy"])
+    fig.suptitle(f"{result['method']} ({rule}): singular values per layer",
                  fontsize=9)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.75 / height, top=1 - 0.45 / height,
                         hspace=0.55, wspace=0.3)
@@ -60,7 +61,8 @@ def plot_ranks(result: dict, path: str) -> None:
     ax.set_ylabel("rank")
     ax.set_xlabel("layer")
     ax.legend(fontsize=8)
-    ax.set_title(f"{result['method']} ({rule_label(result)}): rank per layer", fontsize=9)
+    rule = rule_label(result["threshold"], result["energy"])
+    ax.set_title(f"{result['method']} ({rule}): rank per layer", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -81,7 +83,8 @@ def plot_accuracy_flops(results: list[dict], path: str, dense_accuracy: float) -
         ys = [max(r["accuracy"], floor) for r in rows]
         ax.plot(xs, ys, marker="o", color=COLORS.get(method), label=method)
         for i, (x, y, r) in enumerate(zip(xs, ys, rows)):
-            label = (rule_label(r).replace("energy", "e").replace("threshold", "t")
+            label = (rule_label(r["threshold"], r["energy"]).replace("energy", "e")
+                     .replace("threshold", "t")
                      + (f" ({r['accuracy']:.0f}%)" if r["accuracy"] < floor else ""))
             # alternate above and below the line, so neighbouring labels do not overlap
             ax.annotate(label, (x, y), fontsize=7, xytext=(4, 5 if i % 2 == 0 else -11),

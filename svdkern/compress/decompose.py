@@ -242,10 +242,13 @@ def _trainable(module: nn.Module) -> bool:
     checked, and refused, without running its parametrization)."""
     if parametrize.is_parametrized(module):
         return True
-    kind = layer_kind(module)
-    names = list(COMPOSITES[kind].layout(module)) if kind in COMPOSITES else ["weight"]
-    weights = [module._parameters.get(n) for n in names]
+    weights = [module._parameters.get(n) for n in _weight_names(module, layer_kind(module))]
     return any(isinstance(w, nn.Parameter) and w.requires_grad for w in weights)
+
+
+def _weight_names(module: nn.Module, kind: type) -> list[str]:
+    """The names of the parameters the SVD form of `module` factors."""
+    return list(COMPOSITES[kind].layout(module)) if kind in COMPOSITES else ["weight"]
 
 
 def check_layer(name: str, module: nn.Module, tied_to: str | None = None) -> None:
@@ -281,7 +284,7 @@ def _check_convertible(label: str, module: nn.Module, kind: type) -> None:
                          f"SVD form would not run")
     # parametrized first: reading its weight would run the parametrization (spectral_norm's
     # power iteration updates its buffers)
-    names = list(COMPOSITES[kind].layout(module)) if kind in COMPOSITES else ["weight"]
+    names = _weight_names(module, kind)
     if parametrize.is_parametrized(module) or not all(
             isinstance(module._parameters.get(n), nn.Parameter) for n in names):
         raise ValueError(f"{label}: its weight is reparametrized (torch.nn.utils.parametrize, "

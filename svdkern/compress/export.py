@@ -108,10 +108,7 @@ def conv_pair(spec: ConvSpec, rank: int, bias: bool, **factory) -> nn.Sequential
     `conv_chain_geometry`): the full-kernel (channel) or kh x 1 (spatial) conv to g*r
     channels, then the 1 x 1 or 1 x kw conv with the bias."""
     geo1, geo2 = reference.conv_chain_geometry(spec)
-    first, second = (w.shape[2:] for w in reference.conv_chain_weights(
-        torch.empty(spec.groups, spec.matrix_shape[0], rank, device="meta"),
-        torch.empty(spec.groups, rank, device="meta"),
-        torch.empty(spec.groups, spec.matrix_shape[1], rank, device="meta"), spec))
+    first, second = reference.conv_chain_kernels(spec)
     hidden = spec.groups * rank
     conv = DENSE_CONVS[spec.dims]
     common = dict(groups=spec.groups, padding_mode=spec.padding_mode, **factory)

@@ -33,11 +33,8 @@ class SVDMultiheadAttention(SVDComposite, nn.MultiheadAttention):
 
     def _init_variance(self, name: str) -> float:
         """Xavier-uniform's variance 2 / (fan_in + fan_out) of the (packed) parameter."""
-        if not self._factorized():  # building: the torch parameter is still there
-            rows, cols = self._parameters[name].shape
-        else:
-            parts = [self.factors[k] for k in self._stacked[name]]
-            rows, cols = sum(p.out_features for p in parts), parts[0].in_features
+        rows = 3 * self.embed_dim if name == "in_proj_weight" else self.embed_dim
+        cols = {"k_proj_weight": self.kdim, "v_proj_weight": self.vdim}.get(name, self.embed_dim)
         return 2 / (rows + cols)
 
     def _reset_parameters(self) -> None:

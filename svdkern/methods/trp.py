@@ -147,13 +147,13 @@ class TRP:
         """Add the nuclear-norm subgradient `nuclear * U_k V_k^T` to the weight gradients:
         on the step after each truncation from its SVD (official schedule), or every step
         from a fresh SVD (per_step)."""
+        if self.nuclear == 0:
+            return
         if self.schedule == "official":
             subgradients, self._pending = self._pending, {}
         else:
             subgradients = {name: self._to_weight(name, U[..., :k] @ Vh[..., :k, :])
                             for name, (U, _, Vh, k) in self.low_rank_parts().items()}
-        if self.nuclear == 0:
-            return
         for name, sub in subgradients.items():
             layer = self.layers[name]
             sub = sub.to(layer.weight.dtype)
@@ -181,7 +181,7 @@ class TRP:
             low = (U[..., :k] * s[..., None, :k]) @ Vh[..., :k, :]
             layer.weight.copy_(self._to_weight(name, low).to(layer.weight.dtype))
             self.ranks[name] = k
-            if self.schedule == "official":
+            if self.schedule == "official" and self.nuclear:
                 self._pending[name] = self._to_weight(name, U[..., :k] @ Vh[..., :k, :])
         return dict(self.ranks)
 
