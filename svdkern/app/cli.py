@@ -11,14 +11,15 @@ from dataclasses import fields, replace
 
 import torch
 
+from .compare import Study, aggregate, run_study
 from .data import DATASETS, load_dataset
 from .models import MODELS
 from ..methods.trp import SCHEDULES, SCOPES
 from .pipeline import (METHODS, SPARSITY_STRENGTH, TrainConfig, dense_baseline, rule_label,
                        run_method)
-from .plots import plot_accuracy_flops, plot_ranks, plot_spectra
+from .plots import plot_ranks, plot_spectra, plot_tradeoff
 
-COMPARE_ENERGIES = (0.01, 0.05, 0.1, 0.2, 0.3)
+COMPARE_ENERGIES = (0.002, 0.01, 0.05, 0.1, 0.2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,30 +29,51 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", choices=METHODS, default="svd",
                        help="compression method (default: %(default)s)")
     train.add_argument("--out", default="svdkern-run", help="output folder (default: %(default)s)")
-    compare = sub.add_parser("compare", help="all three methods at several energy thresholds")
+    compare = sub.add_parser(
+        "compare", help="the methods at equal optimizer steps, tuned on a validation split, "
+                        "reported on the test split over seeds")
     compare.add_argument("--energies", type=_floats, default=COMPARE_ENERGIES,
-                         help="comma-separated energy thresholds (default %(default)s)")
+                         help="comma-separated energy thresholds (default: "
+                              f"{','.join(map(str, COMPARE_ENERGIES))})")
     compare.add_argument("--methods", type=_methods, default=list(METHODS),
                          help="comma-separated methods to run (default: "
                               f"{','.join(METHODS)})")
+    compare.add_argument("--seeds", type=_ints, default=(0, 1, 2),
+                         help="comma-separated training seeds, each run on the test split "
+                              "(default: 0,1,2)")
+    compare.add_argument("--lr-factors", type=_floats, default=(1 / 3, 1.0, 3.0),
+                         help="learning rates tried on the validation split, as multiples of "
+                              "each method's default (default: 0.333,1,3)")
+    compare.add_argument("--val-fraction", type=float, default=0.2,
+                         help="share of the training data held out for tuning; 0: no tuning, "
+                              "default learning rates (default: %(default)s)")
+    compare.add_argument("--tolerance", type=float, default=1.0,
+                         help="a method's operating point: the fewest FLOPs within this of "
+                              "the dense model on validation, accuracy points below or "
+                              "perplexity percent above (default: %(default)s)")
     compare.add_argument("--out", default="svdkern-compare",
                          help="output folder (default: %(default)s)")
     for p in (train, compare):
         p.add_argument("--model", choices=MODELS, default="cnn",
-                       help="network to train (default: %(default)s)")
+                       help="network to train (default: %(default)s; lstm: a character "
+                            "language model, with --data text)")
         p.add_argument("--data", choices=DATASETS, default="digits",
-                       help="data set (default: %(default)s, bundled)")
+                       help="data set (default: %(default)s, bundled; text: this Python's "
+                            "standard-library source, no download)")
         p.add_argument("--data-dir", help="CIFAR-10 python batches folder (--data cifar10)")
-        p.add_argument("--epochs", type=int, help="total epochs per method (default: digits 80, cifar10 164)")
+        p.add_argument("--epochs", type=int,
+                       help="total epochs per method (default: digits 80, cifar10 164, text 12)")
         p.add_argument("--finetune-epochs", type=int,
                        help="of those, epochs of fine-tuning after pruning (default a quarter)")
-        p.add_argument("--batch-size", type=int, help="default: 128 for trp; for svd and truncate 32 on digits, 100 "
-                            "on cifar10")
+        p.add_argument("--batch-size", type=int,
+                       help="default: 128 for trp on images; otherwise 32, 100 on cifar10 "
+                            "(compare: one batch size for every method)")
         p.add_argument("--optimizer", choices=("adam", "sgd"),
-                       help="default adam (svd, truncate; the paper), sgd (trp; its code)")
+                       help="default adam (svd, truncate; the paper), sgd (trp on images; its "
+                            "code)")
         p.add_argument("--lr", type=float,
-                       help="default: 0.1 for sgd; for adam 3e-3 on digits, 1e-3 on cifar10 "
-                            "(compare: every method run)")
+                       help="default: 0.1 for sgd; for adam 1e-3 on cifar10, else 3e-3 "
+                            "(compare: the base the --lr-factors multiply)")
         p.add_argument("--weight-decay", type=float,
                        help="default 0 (svd, truncate), 1e-4 (trp; its code), whatever --optimizer")
         p.add_argument("--lambda-o", type=float, default=1.0, help="orthogonality weight")
@@ -90,16 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
                             "official --sensitivity)")
     train.add_argument("--energy", type=float,
                        help="energy threshold: fraction of sum s^2 pruning may drop "
-                            "(default: 0.002 on digits, 0.01 on cifar10)")
+                            "(default: 0.002 on digits, 0.01 on cifar10 and text)")
     return parser
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers such as 0.05,0.1, got {text!r}") from None
+def _listed(convert: type, what: str, example: str):
+    """An argparse type: a comma-separated list of `convert` values, or a clear error."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(convert(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what} such as {example}, got {text!r}") from None
+    return parse
+
+
+_floats = _listed(float, "numbers", "0.05,0.1")
+_ints = _listed(int, "integers", "0,1,2")
 
 
 def _methods(text: str) -> list[str]:
@@ -115,6 +144,11 @@ def _check_args(args: argparse.Namespace) -> None:
     """ValueErrors for options that would otherwise be ignored or fail deep in a run."""
     if args.data_dir is not None and args.data != "cifar10":
         raise ValueError(f"--data-dir is read with --data cifar10 only (got --data {args.data})")
+    if (args.model == "lstm") != (args.data == "text"):
+        raise ValueError(f"--model {args.model} does not read --data {args.data}: the lstm "
+                         "language model reads --data text, the other models images")
+    if args.command == "compare" and not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -158,7 +192,8 @@ def train(args: argparse.Namespace, data, progress: bool) -> dict:
     cfg = _config(args, args.method)
     result = run_method(cfg, data, progress=progress)[0]
     # the dense model on the same budget (steps, data, truncation's optimizer)
-    result["dense_accuracy"] = dense_baseline(_config(args, "truncate"), data, progress)["accuracy"]
+    dense = dense_baseline(_config(args, "truncate"), data, progress)
+    result[f"dense_{data.metric}"] = dense[data.metric]
     print(headline(result))
     print(result["table"])
     files = {"json": "result.json", "report": "report.md", "spectra": "spectra.png",
@@ -166,7 +201,7 @@ def train(args: argparse.Namespace, data, progress: bool) -> dict:
     out = {k: os.path.join(args.out, v) for k, v in files.items()}
     plot_spectra(result, out["spectra"])
     plot_ranks(result, out["ranks"])
-    plot_accuracy_flops([result], out["accuracy_flops"], result["dense_accuracy"])
+    plot_tradeoff(aggregate([result], [dense], None, _cost(data)), out["accuracy_flops"])
     _write_json(out["json"], result)
     with open(out["report"], "w", encoding="utf-8") as f:
         f.write(train_report(result, files))
@@ -174,53 +209,100 @@ def train(args: argparse.Namespace, data, progress: bool) -> dict:
     return result
 
 
+def _cost(data) -> str:
+    """The FLOPs a study ranks by: deployed ones; for text the SVD form's (the LSTM's
+    matrices merge on export, so its deployed FLOPs stay dense)."""
+    return "flops" if data.kind == "text" else "deployed_flops"
+
+
 def compare(args: argparse.Namespace, data, progress: bool) -> dict:
-    dense = dense_baseline(_config(args, "truncate"), data, progress)
-    results = []
-    for method in args.methods:
-        results += run_method(_config(args, method), data, list(args.energies), progress)
-    table = compare_table(results, dense)
+    study = Study(tuple(args.methods), tuple(args.energies), tuple(args.seeds),
+                  tuple(args.lr_factors), args.val_fraction, args.tolerance, _cost(data))
+    payload = run_study({m: _config(args, m) for m in args.methods}, data, study, progress)
+    table = compare_table(payload["rows"])
     print(table)
-    plot_accuracy_flops(results, os.path.join(args.out, "accuracy_vs_flops.png"),
-                        dense["accuracy"])
-    payload = {"dense": dense, "results": results}
+    plot_tradeoff(payload["rows"], os.path.join(args.out, "accuracy_vs_flops.png"))
     _write_json(os.path.join(args.out, "compare.json"), payload)
     with open(os.path.join(args.out, "compare.md"), "w", encoding="utf-8") as f:
-        f.write("# svdkern compare\n\n" + _config_line(results[0]) + "\n\n" + table +
-                "\n\n![accuracy vs FLOPs](accuracy_vs_flops.png)\n")
+        f.write("# svdkern compare\n\n" + _config_line(payload["results"][0]) + "\n\n"
+                + study_line(study, payload) + "\n\n" + table
+                + "\n\n![score vs FLOPs](accuracy_vs_flops.png)\n")
     print(f"wrote {args.out}/compare.json, compare.md, accuracy_vs_flops.png")
     return payload
 
 
+def _score(metric: str, value: float) -> str:
+    return f"{value:.2f}% test accuracy" if metric == "accuracy" else f"test perplexity {value:.3f}"
+
+
 def headline(r: dict) -> str:
-    """The reduction, the accuracy and the dense model's first; the details after."""
-    dense = (f" (dense model, same budget: {r['dense_accuracy']:.2f}%)"
-             if "dense_accuracy" in r else "")
+    """The reduction, the score and the dense model's first; the details after."""
+    metric, unit = r["metric"], r["unit"]
+    dense = r.get(f"dense_{metric}")
+    dense = "" if dense is None else (
+        f" (dense model, same budget: {dense:.2f}%)" if metric == "accuracy" else
+        f" (dense model, same budget: {dense:.3f})")
     rule = rule_label(r["threshold"], r["energy"])
+    before = r[f"{metric}_before"]
     return (f"{r['method']} {rule}: {r['dense_flops'] / r['deployed_flops']:.1f}x "
-            f"fewer deployed FLOPs than dense at {r['accuracy']:.2f}% test accuracy{dense}\n"
-            f"  deployed FLOPs {r['deployed_flops']:,} / {r['dense_flops']:,} per sample, params "
-            f"{r['deployed_params']:,} / {r['dense_params']:,}; accuracy before pruning "
-            f"{r['accuracy_before']:.2f}%")
+            f"fewer deployed FLOPs than dense at {_score(metric, r[metric])}{dense}\n"
+            f"  deployed FLOPs {r['deployed_flops']:,} / {r['dense_flops']:,} per {unit} (SVD "
+            f"form {r['flops']:,}), params {r['deployed_params']:,} / {r['dense_params']:,}; "
+            f"{metric} before pruning {before:.2f}{'%' if metric == 'accuracy' else ''}")
 
 
-def compare_table(results: list[dict], dense: dict) -> str:
-    lines = ["| method | energy | accuracy % | FLOPs (deployed) | FLOPs / dense | params | ranks |",
-             "|---|---|---|---|---|---|---|",
-             f"| dense | - | {dense['accuracy']:.2f} | {dense['flops']:,} | 1.000 | "
-             f"{dense['params']:,} | full |"]
-    for r in results:
-        ranks = " ".join(str(v[0]) for v in r["ranks"].values())
-        lines.append(f"| {r['method']} | {r['energy']:g} | {r['accuracy']:.2f} | "
-                     f"{r['deployed_flops']:,} | {r['deployed_flops'] / r['dense_flops']:.3f} | "
-                     f"{r['deployed_params']:,} | {ranks} |")
+def compare_table(rows: list[dict]) -> str:
+    """Markdown: per method and energy, the mean (and sd) over seeds of the test score and
+    FLOPs; each method's operating point, chosen on validation, in bold."""
+    dense = rows[0]
+    metric, unit, seeds = dense["metric"], dense["unit"], dense["seeds"]
+    sd = " (sd)" if seeds > 1 else ""
+    factored = dense["cost"] == "flops"
+    score = "accuracy %" if metric == "accuracy" else f"perplexity per {unit}"
+    head = (f"| method | energy | lr | steps | test {score}, mean{sd} of {seeds} | "
+            + (f"SVD-form FLOPs / dense{sd} | deployed / dense |" if factored else
+               f"deployed FLOPs / dense{sd} |") + f" deployed params | FLOPs per {unit} |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    digits = 2 if metric == "accuracy" else 3
+    for r in rows:
+        bold = "**" if r["chosen"] else ""
+        cells = [r["method"], "-" if r["energy"] is None else f"{r['energy']:g}",
+                 f"{r['lr']:.3g}", f"{r['steps']:,}",
+                 f"{bold}{r[f'{metric}_mean']:.{digits}f}{bold}"
+                 + (f" ({r[f'{metric}_std']:.{digits}f})" if seeds > 1 else ""),
+                 f"{bold}{r['flops_ratio_mean']:.3f}{bold}"
+                 + (f" ({r['flops_ratio_std']:.3f})" if seeds > 1 else "")]
+        if factored:
+            cells.append(f"{r['deployed_ratio_mean']:.3f}")
+        flops = r["factored_flops_mean"] if factored else r["deployed_flops_mean"]
+        cells += [f"{r['deployed_params_mean']:,.0f}", f"{flops:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def study_line(study: Study, payload: dict) -> str:
+    """How the table was made, in one paragraph."""
+    tuning = payload["tuning"]
+    text = (f"Every method and the dense model: {payload['rows'][0]['steps']:,} optimizer "
+            f"steps. Seeds {', '.join(map(str, study.seeds))}, scored on the test split.")
+    if tuning:
+        metric = payload["rows"][0]["metric"]
+        chosen = "; ".join(f"{m} lr {c['lr']:.3g}"
+                           + (f", energy {c['energy']:g}" if "energy" in c else "")
+                           for m, c in tuning["chosen"].items())
+        text += (f" Tuned on a validation split ({study.val_fraction:g} of the training "
+                 f"data, seed {study.seeds[0]}): learning rates "
+                 f"{', '.join(f'{f:.3g}' for f in study.lr_factors)} times each default; "
+                 f"operating point (bold): the fewest FLOPs within {study.tolerance:g} "
+                 f"{'points' if metric == 'accuracy' else 'percent'} of dense on validation. "
+                 f"Chosen: {chosen}.")
+    return text
 
 
 def _config_line(r: dict) -> str:
     c = r["config"]
-    keys = ("model", "data", "epochs", "finetune_epochs", "seed", "lambda_o", "sparsity",
-            "scheme", "nuclear", "trp_period", "trp_schedule", "trp_scope")
+    keys = ("model", "data", "epochs", "finetune_epochs", "batch_size", "lambda_o", "sparsity",
+            "lambda_s", "scheme", "nuclear", "trp_period", "trp_schedule", "trp_scope")
     return "Config: " + ", ".join(f"{k}={c[k]}" for k in keys)
 
 

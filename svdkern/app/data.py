@@ -1,11 +1,13 @@
 """Data sets of the training CLI, held as in-memory tensors: scikit-learn's bundled digits
-(no download) and CIFAR-10 read from its standard python batches with a restricted
-unpickler, so a tampered file cannot execute code."""
+(no download), CIFAR-10 read from its standard python batches with a restricted
+unpickler, so a tampered file cannot execute code, and a character-level text corpus of
+standard-library source files read from the running interpreter (no download either)."""
 from __future__ import annotations
 
 import io
 import os
 import pickle
+import sysconfig
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -13,24 +15,44 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASETS = ("digits", "cifar10")
+DATASETS = ("digits", "cifar10", "text")
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# The text corpus: these standard-library modules, present as source in every CPython
+# since 3.8; the first 90% of each file's characters train, the last 10% test.
+TEXT_FILES = ("argparse.py", "bisect.py", "calendar.py", "copy.py", "csv.py", "difflib.py",
+              "fnmatch.py", "fractions.py", "glob.py", "heapq.py", "pprint.py", "queue.py",
+              "shlex.py", "string.py", "textwrap.py", "tokenize.py")
+TEXT_VOCAB = 128  # ASCII; every non-ASCII byte reads as token 127
+TEXT_CONTEXT = 64  # characters per training sequence
 
 
 @dataclass
 class Dataset:
-    """Train/test tensors: images (N, C, H, W) float32, labels (N,) int64."""
+    """Train/test tensors. Images: (N, C, H, W) float32 and labels (N,) int64, scored by
+    accuracy. Text: token sequences (N, T) int64 and the next token of each position
+    (N, T), scored by perplexity per token."""
 
     name: str
     train_x: Tensor
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
-    num_classes: int
+    num_classes: int  # classes, or the vocabulary size of text
     augment: bool = False
     black: tuple[float, ...] | None = None  # a black pixel after normalization: crop padding
+    kind: str = "image"  # or "text"
+
+    @property
+    def metric(self) -> str:
+        """What `pipeline.evaluate` reports: "accuracy" (percent) or "perplexity"."""
+        return "perplexity" if self.kind == "text" else "accuracy"
+
+    @property
+    def unit(self) -> str:
+        """What one FLOP count is for: a sample (an image) or a token of text."""
+        return "token" if self.kind == "text" else "sample"
 
     def head(self, n: int) -> "Dataset":
         """The first `n` training samples only (quick checks); the test set is kept whole."""
@@ -38,14 +60,33 @@ class Dataset:
             raise ValueError(f"need at least one training sample, got {n}")
         return replace(self, train_x=self.train_x[:n], train_y=self.train_y[:n])
 
+    def holdout(self, fraction: float) -> "Dataset":
+        """A validation split carved from the training data: the returned Dataset trains
+        on the rest and tests on the held-out part, so settings tuned on it never see the
+        test split. The same split for every run: a fixed shuffle for images, the last
+        `fraction` of the sequences for text (its neighbours stay out of training)."""
+        n = len(self.train_y)
+        held = round(fraction * n)
+        if not 0 < held < n:
+            raise ValueError(f"validation fraction {fraction} of {n} training samples leaves "
+                             "no validation or no training sample")
+        order = (torch.arange(n) if self.kind == "text" else
+                 torch.randperm(n, generator=torch.Generator().manual_seed(0)))
+        rest, val = order[:n - held], order[n - held:]
+        return replace(self, name=f"{self.name} (validation split)",
+                       train_x=self.train_x[rest], train_y=self.train_y[rest],
+                       test_x=self.train_x[val], test_y=self.train_y[val])
+
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
 
 
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     if name == "digits":
         return load_digits()
+    if name == "text":
+        return load_text()
     if name == "cifar10":
         if not data_dir:
             raise ValueError("--data cifar10 needs --data-dir DIR (the folder holding "
@@ -66,6 +107,36 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction,
                                               random_state=split_seed, stratify=y)
     return Dataset("digits", *map(torch.from_numpy, (x_tr, y_tr, x_te, y_te)), num_classes=10)
+
+
+def load_text(files: tuple[str, ...] = TEXT_FILES, context: int = TEXT_CONTEXT) -> Dataset:
+    """The characters of `files` from this interpreter's standard library, as sequences of
+    `context` tokens and their next tokens; the first 90% of each file trains, the rest
+    tests (a split fixed by the files alone). A Python whose library ships without source
+    (some embedded builds) is told which file is missing."""
+    root = sysconfig.get_paths()["stdlib"]
+    train, test = [], []
+    for name in files:
+        path = os.path.join(root, name)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            raise FileNotFoundError(f"text corpus: cannot read {path} ({exc.strerror}); this "
+                                    "Python's standard library has no source for it") from None
+        tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clamp(max=TEXT_VOCAB - 1)
+        cut = int(0.9 * len(tokens))
+        train.append(tokens[:cut])
+        test.append(tokens[cut:])
+
+    def sequences(parts: list[Tensor]) -> tuple[Tensor, Tensor]:
+        stream = torch.cat(parts).long()
+        n = (len(stream) - 1) // context
+        return (stream[:n * context].view(n, context),
+                stream[1:n * context + 1].view(n, context))
+
+    return Dataset("text", *sequences(train), *sequences(test), num_classes=TEXT_VOCAB,
+                   kind="text")
 
 
 class _CifarUnpickler(pickle.Unpickler):

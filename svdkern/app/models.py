@@ -1,14 +1,16 @@
-"""Small reference networks for the training CLI: an MLP, a small CNN and the CIFAR-style
+"""Small reference networks for the training CLI: an MLP, a small CNN, the CIFAR-style
 ResNet-20/56 of He et al. (option A shortcut: identity, subsampled and zero-padded where
 the shape changes, so every conv of the network is a 3x3 conv that SVD training can
-factorize, as in the official SVD-training and TRP code)."""
+factorize, as in the official SVD-training and TRP code) and a character-level LSTM
+language model (the official code's word-level LSTM, at character level)."""
 from __future__ import annotations
 
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-MODELS = ("mlp", "cnn", "resnet20", "resnet56")
+MODELS = ("mlp", "cnn", "resnet20", "resnet56", "lstm")
+IMAGE_MODELS = MODELS[:4]
 
 
 class MLP(nn.Module):
@@ -90,8 +92,29 @@ class CifarResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """The named model for inputs of shape (channels, height, width)."""
+class CharLSTM(nn.Module):
+    """Embedding -> 2-layer LSTM -> linear decoder over the vocabulary: next-token logits
+    (N, T, vocab) for token sequences (N, T). Each sequence starts from a zero state."""
+
+    def __init__(self, vocab: int, embed: int = 64, hidden: int = 128, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, layers, batch_first=True)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.decoder(self.lstm(self.embed(tokens))[0])
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The named model for inputs of shape (channels, height, width), or (tokens,) for the
+    language model (`num_classes` then is the vocabulary)."""
+    if (name == "lstm") != (len(input_shape) == 1):
+        raise ValueError(f"model {name!r} does not fit inputs of shape {tuple(input_shape)}: "
+                         f"lstm reads text (--data text), {', '.join(IMAGE_MODELS)} read "
+                         "images (--data digits or cifar10)")
+    if name == "lstm":
+        return CharLSTM(num_classes)
     c, h, w = input_shape
     if name == "mlp":
         return MLP(c * h * w, num_classes)

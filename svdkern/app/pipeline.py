@@ -40,6 +40,26 @@ from .data import Dataset, batches
 from .models import build_model
 
 METHODS = ("svd", "trp", "truncate")
+
+
+@dataclass(frozen=True)
+class DataDefaults:
+    """A data set's default schedule for SVD training and truncation (Adam)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    scheme: str
+    energy: float
+
+
+# CIFAR-10: the paper's. Digits (1,437 training images, the main job's quick CPU run):
+# about 3,600 steps at lr 3e-3, the fewest measured to reach 8x fewer deployed FLOPs
+# within a point of dense (README, "Training CLI"). Text: the character LSTM, about 2,200
+# steps (README, "The LSTM experiment").
+DATA_DEFAULTS = {"digits": DataDefaults(80, 32, 3e-3, "spatial", 0.002),
+                 "cifar10": DataDefaults(164, 100, 1e-3, "channel", 0.01),
+                 "text": DataDefaults(12, 32, 3e-3, "channel", 0.01)}
 # official ResNet-20 channel-wise strengths (Hoyer-Square: `Start up code.md`, decay 1e-2)
 SPARSITY_STRENGTH = {"hoyer": 0.07, "hoyer_square": 0.01, "l1": 0.3}
 
@@ -75,20 +95,21 @@ class TrainConfig:
     device: str = "cpu"
 
     def resolved(self) -> "TrainConfig":
-        """Fill the defaults: SVD training and truncation use the paper's Adam (lr 1e-3,
-        batch 100), TRP its official SGD (lr 0.1, momentum 0.9, weight decay 1e-4, batch
-        128); 164 epochs on CIFAR-10, a quarter of them fine-tuning. On digits (1,437
-        training images, the main job's quick CPU run) 80 epochs at batch 32, for Adam lr
-        3e-3, spatial-wise convs and energy 0.002 (channel-wise and 0.01 elsewhere): about
-        3,600 steps, the fewest measured to reach 8x fewer deployed FLOPs within a point of
-        dense (README, "Training CLI")."""
+        """Fill the defaults: SVD training and truncation use Adam at the data set's
+        `DATA_DEFAULTS` (on CIFAR-10 the paper's: lr 1e-3, batch 100, 164 epochs), a
+        quarter of the epochs fine-tuning; TRP on images its official SGD (lr 0.1, momentum
+        0.9, weight decay 1e-4, batch 128), on text Adam as the others (TRP's code has no
+        language-model recipe)."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
         if self.sparsity not in SPARSITY_STRENGTH:
             raise ValueError(f"unknown sparsity {self.sparsity!r}; expected one of "
                              f"{', '.join(SPARSITY_STRENGTH)}")
-        digits = self.data == "digits"
-        energy = self.energy if self.energy is not None else (0.002 if digits else 0.01)
+        if self.data not in DATA_DEFAULTS:
+            raise ValueError(f"unknown data set {self.data!r}; expected one of "
+                             f"{', '.join(DATA_DEFAULTS)}")
+        defaults = DATA_DEFAULTS[self.data]
+        energy = self.energy if self.energy is not None else defaults.energy
         check_energy(self.method, energy)
         if self.threshold is not None:
             check_prune_rule(self.method, None, self.threshold)
@@ -101,9 +122,9 @@ class TrainConfig:
             if value is not None and not ((isinstance(value, int) or math.isfinite(value))
                                           and ok(value)):
                 raise ValueError(f"{self.method}: {name} must be finite and {bound}, got {value}")
-        sgd = self.method == "trp"
+        sgd = self.method == "trp" and self.data != "text"
         optimizer = self.optimizer or ("sgd" if sgd else "adam")
-        epochs = self.epochs if self.epochs is not None else (80 if digits else 164)
+        epochs = self.epochs if self.epochs is not None else defaults.epochs
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         ft = self.finetune_epochs if self.finetune_epochs is not None else epochs // 4
@@ -114,12 +135,12 @@ class TrainConfig:
                              f"pruning), got {self.sparsity_start}")
         return replace(
             self, epochs=epochs, finetune_epochs=ft, energy=energy,
-            scheme=self.scheme or ("spatial" if digits else "channel"),
+            scheme=self.scheme or defaults.scheme,
             batch_size=self.batch_size if self.batch_size is not None else (
-                128 if sgd else 32 if digits else 100),
+                128 if sgd else defaults.batch_size),
             optimizer=optimizer,
             lr=self.lr if self.lr is not None else (
-                0.1 if optimizer == "sgd" else 3e-3 if digits else 1e-3),
+                0.1 if optimizer == "sgd" else defaults.lr),
             weight_decay=self.weight_decay if self.weight_decay is not None else (1e-4 if sgd else 0.0),
             lambda_s=self.lambda_s if self.lambda_s is not None else SPARSITY_STRENGTH[self.sparsity])
 
@@ -140,6 +161,7 @@ class Run:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.optimizer = make_optimizer(cfg, model)
         self.history: list[dict] = []
+        self.steps = 0  # optimizer steps taken, over every phase
         self.progress = progress
 
     def rebuild_optimizer(self) -> None:
@@ -170,7 +192,7 @@ class Run:
             for x, y in batches(self.data.train_x, self.data.train_y, self.cfg.batch_size,
                                 self.gen, self.data.augment, self.data.black):
                 x, y = x.to(self.cfg.device), y.to(self.cfg.device)
-                loss = F.cross_entropy(self.model(x), y)
+                loss = task_loss(self.model(x), y)
                 total += float(loss.detach()) * len(y)
                 count += len(y)
                 if penalty is not None:
@@ -180,12 +202,13 @@ class Run:
                 if after_backward is not None:
                     after_backward()
                 self.optimizer.step()
+                self.steps += 1
                 if after_step is not None:
                     after_step()
-            acc = evaluate(self.model, self.data, self.cfg.device)
+            score = evaluate(self.model, self.data, self.cfg.device)
             self.history.append({"epoch": epoch, "phase": label, "loss": total / count,
-                                 "test_accuracy": acc})
-            bar.set_postfix(loss=f"{total / count:.3f}", acc=f"{acc:.1f}")
+                                 f"test_{self.data.metric}": score})
+            bar.set_postfix(loss=f"{total / count:.3f}", test=f"{score:.2f}")
 
     def fork(self) -> "Run":
         """An independent copy (model and data order) to branch from, with a fresh
@@ -208,14 +231,25 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adam or sgd")
 
 
+def task_loss(out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of class logits (N, C) against labels (N,), or of next-token logits
+    (N, T, V) against the next tokens (N, T)."""
+    return F.cross_entropy(out.flatten(0, -2), y.flatten(), reduction=reduction)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, device: str) -> float:
-    """Test accuracy in percent."""
+    """The test split's `data.metric`: accuracy in percent, or (text) perplexity per token,
+    exp of the mean cross-entropy over every test token."""
     model.eval()
-    correct = 0
+    hits = 0.0
     for x, y in batches(data.test_x, data.test_y, 500):
-        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-    return 100.0 * correct / len(data.test_y)
+        out, y = model(x.to(device)), y.to(device)
+        hits += float(task_loss(out, y, "sum") if data.kind == "text" else
+                      (out.argmax(1) == y).sum())
+    if data.kind == "text":
+        return math.exp(hits / data.test_y.numel())
+    return 100.0 * hits / len(data.test_y)
 
 
 def spectra(model: nn.Module) -> dict[str, list[float]]:
@@ -273,12 +307,16 @@ def _fresh_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
     return build_model(cfg.model, data.input_shape, data.num_classes)
 
 
-def _result(cfg: TrainConfig, energy: float, run: Run, final: nn.Module, acc_before: float,
+def _result(cfg: TrainConfig, energy: float, run: Run, final: nn.Module, before: float,
             spec_init: dict, spec_before: dict, seconds: float, extra: dict | None = None) -> dict:
+    """One run's numbers; its score (accuracy or perplexity, `metric`) under that name, the
+    score before pruning as `<metric>_before`."""
+    metric = run.data.metric
     return {"method": cfg.method, "energy": energy, "threshold": cfg.threshold,
             "config": asdict(replace(cfg, energy=cfg.energy if energy is None else energy)),
-            "accuracy": evaluate(final, run.data, cfg.device), "accuracy_before": acc_before,
-            **costs(final, run.data),
+            "metric": metric, "unit": run.data.unit,
+            metric: evaluate(final, run.data, cfg.device), f"{metric}_before": before,
+            "steps": run.steps, **costs(final, run.data),
             "spectra": {"init": spec_init, "before": spec_before, "after": spectra(final)},
             "history": run.history, "seconds": seconds, **(extra or {})}
 
@@ -300,7 +338,7 @@ def _run_svd(cfg: TrainConfig, data: Dataset, energies: list[float], progress: b
         run.rebuild_optimizer()
     run.train(range(cfg.sparsity_start, prune_at), "svd stage 2 (sparsity)",
               penalty=hook.penalty, on_epoch=hook.on_epoch_start)
-    acc_before, spec_before = evaluate(run.model, data, cfg.device), spectra(run.model)
+    before, spec_before = evaluate(run.model, data, cfg.device), spectra(run.model)
     shared = time.perf_counter() - t0
     results = []
     for energy in energies:
@@ -312,7 +350,7 @@ def _run_svd(cfg: TrainConfig, data: Dataset, energies: list[float], progress: b
         if cfg.finetune_epochs:
             branch.train(range(prune_at, cfg.epochs),
                          f"svd finetune {rule_label(cfg.threshold, energy)}", penalty=hook.penalty)
-        results.append(_result(cfg, energy, branch, branch.model, acc_before, spec_init,
+        results.append(_result(cfg, energy, branch, branch.model, before, spec_init,
                                spec_before, shared + time.perf_counter() - t1))
     return results
 
@@ -323,7 +361,7 @@ def _run_truncate(cfg: TrainConfig, data: Dataset, energies: list[float], progre
     spec_init = dense_spectra(run.model, cfg.scheme)
     prune_at = cfg.epochs - cfg.finetune_epochs
     run.train(range(prune_at), "dense train")
-    acc_before = evaluate(run.model, data, cfg.device)
+    before = evaluate(run.model, data, cfg.device)
     shared = time.perf_counter() - t0
     results = []
     for energy in energies:
@@ -332,14 +370,14 @@ def _run_truncate(cfg: TrainConfig, data: Dataset, energies: list[float], progre
         decompose(branch.model, cfg.scheme)
         spec_before = spectra(branch.model)
         prune(branch.model, energy, rank_multiple=cfg.rank_multiple, threshold=cfg.threshold)
-        acc_truncated = evaluate(branch.model, data, cfg.device)
+        truncated = evaluate(branch.model, data, cfg.device)
         branch.rebuild_optimizer()
         if cfg.finetune_epochs:
             branch.train(range(prune_at, cfg.epochs),
                          f"truncate finetune {rule_label(cfg.threshold, energy)}")
-        results.append(_result(cfg, energy, branch, branch.model, acc_before, spec_init,
+        results.append(_result(cfg, energy, branch, branch.model, before, spec_init,
                                spec_before, shared + time.perf_counter() - t1,
-                               {"accuracy_truncated": acc_truncated}))
+                               {f"{data.metric}_truncated": truncated}))
     return results
 
 
@@ -354,22 +392,23 @@ def _run_trp(cfg: TrainConfig, data: Dataset, energies: list[float], progress: b
                   scope=cfg.trp_scope)
         run.train(range(cfg.epochs), f"trp e={energy}", after_backward=trp.after_backward,
                   after_step=trp.after_step)
-        acc_before = evaluate(run.model, data, cfg.device)
+        before = evaluate(run.model, data, cfg.device)
         spec_before = dense_spectra(run.model, cfg.scheme)
         final = trp.to_svd()
-        results.append(_result(cfg, energy, run, final, acc_before, spec_init, spec_before,
+        results.append(_result(cfg, energy, run, final, before, spec_init, spec_before,
                                time.perf_counter() - t0))
     return results
 
 
 def dense_baseline(cfg: TrainConfig, data: Dataset, progress: bool = False) -> dict:
     """The uncompressed reference: the dense model trained for all epochs (truncation's
-    optimizer), with its accuracy and dense cost."""
+    optimizer), with its score (accuracy or perplexity, `metric`) and dense cost."""
     cfg = replace(cfg, method="truncate").resolved()
     run = Run(cfg, data, _fresh_model(cfg, data), progress)
     run.train(range(cfg.epochs), "dense")
     svd_form = decompose(copy.deepcopy(run.model), cfg.scheme)
     c = costs(svd_form, data)
-    return {"method": "dense", "accuracy": evaluate(run.model, data, cfg.device),
-            "params": c["dense_params"], "flops": c["dense_flops"],
+    return {"method": "dense", "metric": data.metric, "unit": data.unit,
+            data.metric: evaluate(run.model, data, cfg.device), "lr": cfg.lr,
+            "steps": run.steps, "params": c["dense_params"], "flops": c["dense_flops"],
             "deployed_params": c["dense_params"], "deployed_flops": c["dense_flops"]}

@@ -68,38 +68,50 @@ def plot_ranks(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def plot_accuracy_flops(results: list[dict], path: str, dense_accuracy: float) -> None:
-    """Test accuracy against deployed FLOPs per sample (fraction of dense), one line per
-    method, points labelled by energy threshold, and the dense model (1.0x) as a point with
-    its accuracy as a dotted line. Points far below the best accuracy are drawn on the axis
-    floor, labelled with their accuracy."""
+def plot_tradeoff(rows: list[dict], path: str) -> None:
+    """Test score against FLOPs (fraction of dense, log scale): one line per method through
+    its points (the mean over seeds, with the standard deviation as error bars when there
+    are several), points labelled by pruning rule, and the dense model (1.0x) as a star
+    with its score as a dotted line. Rows are `compare.aggregate`'s, dense first. For
+    accuracy, points far below the best are drawn on the axis floor, labelled with it."""
+    dense, rows = rows[0], rows[1:]
+    metric = dense["metric"]
+    mean, std = f"{metric}_mean", f"{metric}_std"
+    accuracy = metric == "accuracy"
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    accs = [r["accuracy"] for r in results] + [dense_accuracy]
-    # the y axis shows at most 25 points below the best; lower points sit on the floor
-    floor = max(min(accs) - 1, max(accs) - 25)
-    for method in dict.fromkeys(r["method"] for r in results):
-        rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["deployed_flops"])
-        xs = [r["deployed_flops"] / r["dense_flops"] for r in rows]
-        ys = [max(r["accuracy"], floor) for r in rows]
-        ax.plot(xs, ys, marker="o", color=COLORS.get(method), label=method)
-        for i, (x, y, r) in enumerate(zip(xs, ys, rows)):
+    scores = [r[mean] for r in rows] + [dense[mean]]
+    # accuracy: the y axis shows at most 25 points below the best; lower points sit on the floor
+    floor = max(min(scores) - 1, max(scores) - 25) if accuracy else -math.inf
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["flops_ratio_mean"])
+        xs = [r["flops_ratio_mean"] for r in mine]
+        ys = [max(r[mean], floor) for r in mine]
+        ax.errorbar(xs, ys, xerr=[r["flops_ratio_std"] for r in mine],
+                    yerr=[r[std] for r in mine], marker="o", color=COLORS.get(method),
+                    label=method, capsize=2)
+        for i, (x, y, r) in enumerate(zip(xs, ys, mine)):
             label = (rule_label(r["threshold"], r["energy"]).replace("energy", "e")
-                     .replace("threshold", "t")
-                     + (f" ({r['accuracy']:.0f}%)" if r["accuracy"] < floor else ""))
+                     .replace("threshold", "t") + (" *" if r["chosen"] else "")
+                     + (f" ({r[mean]:.0f}%)" if r[mean] < floor else ""))
             # alternate above and below the line, so neighbouring labels do not overlap
             ax.annotate(label, (x, y), fontsize=7, xytext=(4, 5 if i % 2 == 0 else -11),
                         textcoords="offset points", color=COLORS.get(method))
-    ax.plot([1.0], [dense_accuracy], marker="*", markersize=11, color=COLORS["dense"], ls="",
-            label=f"dense ({dense_accuracy:.2f}%)")
-    ax.axhline(dense_accuracy, color=COLORS["dense"], ls=":", lw=1)
+    ax.plot([1.0], [max(dense[mean], floor)], marker="*", markersize=11, color=COLORS["dense"], ls="",
+            label=f"dense ({dense[mean]:.2f}{'%' if accuracy else ''})")
+    ax.axhline(dense[mean], color=COLORS["dense"], ls=":", lw=1)
     ax.set_xscale("log")
-    ax.set_ylim(floor - 0.5, min(max(accs) + 1, 100.5))
-    ax.set_xlabel("deployed FLOPs per sample / dense FLOPs (log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy against compute; e: energy threshold of pruning, t: value "
-                 "threshold", fontsize=9)
+    if accuracy:
+        ax.set_ylim(floor - 0.5, min(max(scores) + 1, 100.5))
+    unit = dense["unit"]
+    form = "SVD-form" if dense["cost"] == "flops" else "deployed"
+    ax.set_xlabel(f"{form} FLOPs per {unit} / dense FLOPs (log scale)")
+    ax.set_ylabel("test accuracy (%)" if accuracy else f"test perplexity per {unit}")
+    seeds = dense["seeds"]
+    ax.set_title("score against compute" + (f", mean and sd of {seeds} seeds" if seeds > 1 else "")
+                 + "; e: energy threshold, t: value threshold, *: chosen on validation",
+                 fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower right" if accuracy else "upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -50,21 +50,6 @@ def test_train_writes_json_report_plots(tmp_path, capsys, method, model):
         _check_png(out / png)
 
 
-def test_compare_runs_three_methods(tmp_path, capsys):
-    out = tmp_path / "cmp"
-    assert main(["compare", "--model", "mlp", "--energies", "0.05,0.3", "--out", str(out),
-                 *TINY]) == 0
-    payload = json.loads((out / "compare.json").read_text())
-    rows = [(r["method"], r["energy"]) for r in payload["results"]]
-    assert rows == [(m, e) for m in ("svd", "trp", "truncate") for e in (0.05, 0.3)]
-    assert all(r["config"]["epochs"] == 2 for r in payload["results"])
-    assert payload["dense"]["flops"] == payload["results"][0]["dense_flops"]
-    table = capsys.readouterr().out
-    assert table.count("\n| ") == 7 and "| dense |" in table
-    assert table.splitlines()[0] in (out / "compare.md").read_text()
-    _check_png(out / "accuracy_vs_flops.png")
-
-
 def test_train_on_cifar_folder(tmp_path):
     write_cifar_folder(tmp_path)
     out = tmp_path / "run"
@@ -165,13 +150,15 @@ def test_cuda_on_a_cpu_build_is_one_line(tmp_path, capsys):
 def test_help_shows_every_default():
     text = subprocess.run([sys.executable, "-m", "svdkern", "train", "--help"], capture_output=True,
                           text=True, check=True).stdout
-    for piece in ("(default: svd)", "(default: svdkern-run)", "(default: cnn)",
-                  "(default: 0.002 on digits, 0.01 on cifar10)", "(default: hoyer)",
+    for piece in ("(default: svd)", "(default: svdkern-run)", "(default: cnn;",
+                  "(default: 0.002 on digits, 0.01 on cifar10 and text)", "(default: hoyer)",
                   "0.01 hoyer_square", "default: official"):
         assert piece in " ".join(text.split()), piece
     text = subprocess.run([sys.executable, "-m", "svdkern", "compare", "--help"],
                           capture_output=True, text=True, check=True).stdout
-    assert "(default: svd,trp,truncate)" in " ".join(text.split())
+    for piece in ("(default: svd,trp,truncate)", "(default: 0,1,2)", "(default: 0.333,1,3)",
+                  "(default: 0.2)", "(default: 0.002,0.01,0.05,0.1,0.2)"):
+        assert piece in " ".join(text.split()), piece
 
 
 def test_threshold_prunes_by_value_and_trp_refuses_it(tmp_path, capsys):
@@ -183,3 +170,41 @@ def test_threshold_prunes_by_value_and_trp_refuses_it(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("truncate threshold=0.5: ")
     assert main(["train", "--method", "trp", "--threshold", "0.5", "--out", str(out)]) == 2
     assert "TRP truncates by the energy rule" in capsys.readouterr().err
+
+
+def test_train_char_lstm_on_text_reports_perplexity_per_token(tmp_path, capsys):
+    out = tmp_path / "lm"
+    assert main(["train", "--model", "lstm", "--data", "text", "--energy", "0.3",
+                 "--out", str(out), "--epochs", "2", "--finetune-epochs", "1", "--no-progress",
+                 "--train-samples", "96"]) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["metric"] == "perplexity" and r["unit"] == "token"
+    assert 1 < r["perplexity"] < 128 and 1 < r["dense_perplexity"] < 128  # vocabulary: 128
+    assert "accuracy" not in r and list(r["history"][0]) == ["epoch", "phase", "loss",
+                                                             "test_perplexity"]
+    # per token: the LSTM's four matrices and the decoder, 2 FLOPs per weight
+    assert r["dense_flops"] == 2 * (512 * 64 + 3 * 512 * 128 + 128 * 128)
+    assert r["flops"] < r["dense_flops"]  # energy 0.3 prunes the SVD form
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (f"svd energy=0.3: {r['dense_flops'] / r['deployed_flops']:.1f}x fewer "
+                     f"deployed FLOPs than dense at test perplexity {r['perplexity']:.3f} "
+                     f"(dense model, same budget: {r['dense_perplexity']:.3f})")
+    _check_png(out / "accuracy_vs_flops.png")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "lstm"], "--model lstm does not read --data digits"),
+    (["train", "--data", "text"], "--model cnn does not read --data text"),
+    (["compare", "--val-fraction", "1"], "--val-fraction must be in [0, 1)"),
+])
+def test_model_data_and_study_mismatches_are_clear_errors(tmp_path, capsys, argv, message):
+    assert main(argv + ["--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unparsable_seeds_name_the_option(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--seeds", "0,x", "--out", str(tmp_path)])
+    assert "--seeds: expected comma-separated integers such as 0,1,2, got '0,x'" in \
+        capsys.readouterr().err

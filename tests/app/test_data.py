@@ -1,14 +1,17 @@
 """Data loading: digits shapes, CIFAR-10 python batches written by the test in the real
-format, and clear errors for a missing folder, a missing file, a corrupt or malicious file."""
+format, and clear errors for a missing folder, a missing file, a corrupt or malicious file;
+the text corpus from this interpreter's standard library; validation splits."""
 import os
 import pickle
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
 from tests.app.cifar_files import write_cifar_folder
-from svdkern.app.data import CIFAR_FILES, batches, load_cifar10, load_dataset, load_digits
+from svdkern.app.data import (CIFAR_FILES, TEXT_FILES, batches, load_cifar10, load_dataset,
+                              load_digits, load_text)
 
 
 @pytest.fixture
@@ -99,3 +102,48 @@ def test_random_crop_pads_with_black_pixels():
     # without normalization info the padding is 0, as before
     xb, _ = next(batches(x, y, 50, torch.Generator().manual_seed(0), True))
     assert set(xb.unique().tolist()) == {0.0, 5.0}
+
+
+def test_text_corpus_is_the_stdlib_files_split_per_file():
+    """Token sequences and their next tokens; the first 90% of each file trains, the rest
+    tests, so the first training sequence is the first file's first 64 characters and the
+    first test sequence starts at its 90% mark."""
+    import sysconfig
+    d = load_dataset("text")
+    assert d.kind == "text" and d.metric == "perplexity" and d.unit == "token"
+    assert d.train_x.shape[1:] == (64,) and d.train_x.dtype == torch.int64
+    assert torch.equal(d.train_x[:, 1:], d.train_y[:, :-1])
+    assert int(d.train_x.max()) < d.num_classes == 128
+    with open(os.path.join(sysconfig.get_paths()["stdlib"], TEXT_FILES[0]), "rb") as f:
+        first = f.read()
+    assert bytes(d.train_x[0].tolist()) == first[:64]
+    cut = int(0.9 * len(first))
+    assert bytes(d.test_x[0].tolist()) == first[cut:cut + 64]
+    assert torch.equal(load_text().test_y, d.test_y)  # fixed split
+
+
+def test_text_corpus_missing_file_is_named():
+    with pytest.raises(FileNotFoundError, match="no_such_module.py"):
+        load_text(("string.py", "no_such_module.py"))
+
+
+@pytest.mark.parametrize("name", ["digits", "text"])
+def test_holdout_carves_validation_from_training_only(name):
+    d = load_dataset(name)
+    v = d.holdout(0.2)
+    n = len(d.train_y)
+    assert len(v.train_y) + len(v.test_y) == n and len(v.test_y) == round(0.2 * n)
+    # the training samples, split: as multisets, held-out + rest == training (labels too)
+    def samples(x, y):
+        return Counter((tuple(a.flatten().tolist()), tuple(b.flatten().tolist()))
+                       for a, b in zip(x, y))
+    assert samples(v.test_x, v.test_y) + samples(v.train_x, v.train_y) == samples(
+        d.train_x, d.train_y)
+    assert torch.equal(d.holdout(0.2).test_x, v.test_x)  # the same split every time
+    if name == "text":  # the tail of the training sequences, in order
+        assert torch.equal(v.test_x, d.train_x[n - len(v.test_y):])
+
+
+def test_holdout_needs_both_parts():
+    with pytest.raises(ValueError, match="no validation or no training sample"):
+        load_digits().head(3).holdout(0.01)

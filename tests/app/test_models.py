@@ -1,4 +1,5 @@
-"""The CLI's models: output shapes and the option-A ResNet's size (He et al.: 0.27M / 0.85M)."""
+"""The CLI's models: output shapes, the option-A ResNet's size (He et al.: 0.27M / 0.85M), the
+character LSTM in SVD form."""
 import pytest
 import torch
 
@@ -32,3 +33,21 @@ def test_resnet_every_layer_decomposes_and_matches():
 def test_unknown_model():
     with pytest.raises(ValueError, match="unknown model"):
         build_model("vgg", (3, 32, 32), 10)
+
+
+def test_char_lstm_next_token_logits_and_exact_svd_form():
+    torch.manual_seed(1)
+    model = build_model("lstm", (64,), 128).double()
+    tokens = torch.randint(0, 128, (3, 17))
+    ref = model(tokens)
+    assert ref.shape == (3, 17, 128)
+    with pytest.warns(UserWarning, match="embed"):  # the lookup table stays dense, named
+        svd = decompose(model)
+    assert not any(type(m) in (torch.nn.LSTM, torch.nn.Linear) for m in svd.modules())
+    torch.testing.assert_close(svd(tokens), ref)
+
+
+@pytest.mark.parametrize("name, shape", [("lstm", (1, 8, 8)), ("cnn", (64,))])
+def test_model_and_data_kind_mismatch(name, shape):
+    with pytest.raises(ValueError, match="does not fit inputs"):
+        build_model(name, shape, 10)

@@ -229,3 +229,73 @@ def test_official_scope_skips_the_first_conv_the_1x1_convs_and_linears():
         TRP(model, scope="some", skip=["5"])
     with pytest.raises(ValueError, match="unknown schedule 'daily'"):
         TRP(model, schedule="daily", skip=["5"])
+
+
+def _close_fp32(actual, expected):
+    """TRP takes its SVDs in fp32 whatever the dtype: fp32's tolerance."""
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def _truncated(w: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The energy rule's truncation of `w` in float64, and U_k V_k^T: the hand reference."""
+    U, s, Vh = torch.linalg.svd(w.double(), full_matrices=False)
+    e2 = s.pow(2)
+    k = len(s)
+    while k > 1 and e2[k - 1:].sum() <= energy * e2.sum():
+        k -= 1
+    return (U[:, :k] * s[:k]) @ Vh[:k], U[:, :k] @ Vh[:k], k
+
+
+def test_rnn_and_attention_matrices_truncated_each_on_its_own():
+    """Every weight matrix of an LSTM (with projections) and each of attention's Q, K and V
+    blocks of the packed in-projection is one TRP matrix: truncated alone at its own rank,
+    its nuclear subgradient added to its rows of the gradient only; to_svd builds the SVD
+    forms at those ranks and computes the truncated model."""
+    torch.manual_seed(4)
+    model = nn.ModuleDict({"lstm": nn.LSTM(5, 6, 2, proj_size=3).double(),
+                           "attn": nn.MultiheadAttention(4, 2).double()})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trp = TRP(model, energy=0.2, nuclear=0.5)  # official: truncated when built
+    assert set(trp.ranks) == {
+        *(f"lstm.weight_{kind}_l{i}" for kind in ("ih", "hh", "hr") for i in (0, 1)),
+        "attn.q", "attn.k", "attn.v", "attn.out_proj"}
+    subgradients = {}
+    for i in (0, 1):
+        for kind in ("ih", "hh", "hr"):
+            name = f"weight_{kind}_l{i}"
+            low, sub, k = _truncated(before[f"lstm.{name}"], 0.2)
+            assert trp.ranks[f"lstm.{name}"] == k
+            _close_fp32(getattr(model["lstm"], name).detach(), low)
+            subgradients[f"lstm.{name}"] = sub
+    packed = before["attn.in_proj_weight"].chunk(3)
+    lows, subs = [], []
+    for key, block in zip("qkv", packed):
+        low, sub, k = _truncated(block, 0.2)
+        assert trp.ranks[f"attn.{key}"] == k and k < 4
+        lows.append(low)
+        subs.append(sub)
+    _close_fp32(model["attn"].in_proj_weight.detach(), torch.cat(lows))
+    # the step after: nuclear * U_k V_k^T of that truncation, each block in its rows
+    model["attn"].in_proj_weight.grad = torch.ones(12, 4, dtype=torch.double)
+    trp.after_backward()
+    _close_fp32(model["attn"].in_proj_weight.grad, 1 + 0.5 * torch.cat(subs))
+    _close_fp32(model["lstm"].weight_hh_l1.grad,
+                               0.5 * subgradients["lstm.weight_hh_l1"])
+    low = trp.to_svd()
+    ranks = {n: layer.rank for n, layer in svd_layers(low)}
+    assert ranks["attn.factors.q"] == trp.ranks["attn.q"]
+    assert ranks["lstm.factors.weight_hr_l1"] == trp.ranks["lstm.weight_hr_l1"]
+    x = torch.randn(7, 2, 5, dtype=torch.double)
+    _close_fp32(low["lstm"](x)[0], model["lstm"](x)[0])
+    q = torch.randn(3, 2, 4, dtype=torch.double)
+    _close_fp32(low["attn"](q, q, q)[0], model["attn"](q, q, q)[0])
+
+
+def test_frozen_rnn_matrix_left_alone():
+    torch.manual_seed(5)
+    lstm = nn.LSTM(4, 5)
+    lstm.weight_ih_l0.requires_grad_(False)
+    frozen = lstm.weight_ih_l0.detach().clone()
+    trp = TRP(lstm, energy=0.3, nuclear=0.0)
+    _close_fp32(lstm.weight_ih_l0.detach(), frozen)
+    assert trp.ranks["weight_ih_l0"] == 4 and trp.ranks["weight_hh_l0"] < 5
