@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import fields, replace
@@ -15,8 +16,8 @@ from .compare import Study, aggregate, run_study
 from .data import DATASETS, load_dataset
 from .models import MODELS
 from ..methods.trp import SCHEDULES, SCOPES
-from .pipeline import (METHODS, SPARSITY_STRENGTH, TrainConfig, dense_baseline, rule_label,
-                       run_method)
+from .pipeline import (METHODS, SPARSITY_STRENGTH, TrainConfig, check_trp, dense_baseline,
+                       rule_label, run_method)
 from .plots import plot_ranks, plot_spectra, plot_tradeoff
 
 COMPARE_ENERGIES = (0.002, 0.01, 0.05, 0.1, 0.2)
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", choices=METHODS, default="svd",
                        help="compression method (default: %(default)s)")
     train.add_argument("--out", default="svdkern-run", help="output folder (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
     compare = sub.add_parser(
         "compare", help="the methods at equal optimizer steps, tuned on a validation split, "
                         "reported on the test split over seeds")
@@ -41,16 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=_ints, default=(0, 1, 2),
                          help="comma-separated training seeds, each run on the test split "
                               "(default: 0,1,2)")
-    compare.add_argument("--lr-factors", type=_floats, default=(1 / 3, 1.0, 3.0),
+    compare.add_argument("--lr-factors", type=_floats,
                          help="learning rates tried on the validation split, as multiples of "
                               "each method's default (default: 0.333,1,3)")
     compare.add_argument("--val-fraction", type=float, default=0.2,
                          help="share of the training data held out for tuning; 0: no tuning, "
                               "default learning rates (default: %(default)s)")
-    compare.add_argument("--tolerance", type=float, default=1.0,
+    compare.add_argument("--tolerance", type=float,
                          help="a method's operating point: the fewest FLOPs within this of "
                               "the dense model on validation, accuracy points below or "
-                              "perplexity percent above (default: %(default)s)")
+                              "perplexity percent above (default: 1)")
     compare.add_argument("--out", default="svdkern-compare",
                          help="output folder (default: %(default)s)")
     for p in (train, compare):
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: 0.1 for sgd; for adam 1e-3 on cifar10, else 3e-3 "
                             "(compare: the base the --lr-factors multiply)")
         p.add_argument("--weight-decay", type=float,
-                       help="default 0 (svd, truncate), 1e-4 (trp; its code), whatever --optimizer")
+                       help="default 0 (svd, truncate; trp on text), 1e-4 (trp on images; its "
+                            "code), whatever --optimizer")
         p.add_argument("--lambda-o", type=float, default=1.0, help="orthogonality weight")
         p.add_argument("--lambda-s", type=float,
                        help="sparsity weight (default: " + ", ".join(
@@ -100,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "nuclear term on the step after) or per_step (the paper's loss: "
                             "the nuclear term every step); default: %(default)s")
         p.add_argument("--trp-scope", choices=SCOPES, default="all",
-                       help="TRP: all linears and convs, or official (3x3 convs but the "
-                            "first); default: %(default)s")
-        p.add_argument("--seed", type=int, default=0)
+                       help="TRP: every matrix (linears, convs, RNN and attention "
+                            "matrices), or official (the 3x3 convs but the first); default: "
+                            "%(default)s")
         p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
         p.add_argument("--train-samples", type=int,
@@ -147,8 +150,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if (args.model == "lstm") != (args.data == "text"):
         raise ValueError(f"--model {args.model} does not read --data {args.data}: the lstm "
                          "language model reads --data text, the other models images")
-    if args.command == "compare" and not 0 <= args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.command == "compare":
+        _check_study(args)
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -156,6 +159,28 @@ def _check_args(args: argparse.Namespace) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this PyTorch build sees no CUDA GPU "
                          f"(torch {torch.__version__}); use --device cpu")
+
+
+def _check_study(args: argparse.Namespace) -> None:
+    """ValueErrors for compare's own options; fills the tuning defaults."""
+    if not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    tuning = {"--lr-factors": args.lr_factors, "--tolerance": args.tolerance}
+    if args.val_fraction == 0:
+        given = [flag for flag, value in tuning.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: read only when tuning; --val-fraction 0 "
+                             "runs every method at its default learning rate, untuned")
+    args.lr_factors = args.lr_factors or (1 / 3, 1.0, 3.0)
+    args.tolerance = 1.0 if args.tolerance is None else args.tolerance
+    if not all(math.isfinite(f) and f > 0 for f in args.lr_factors):
+        raise ValueError(f"--lr-factors must be finite and > 0, got {args.lr_factors}")
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise ValueError(f"--tolerance must be finite and >= 0, got {args.tolerance}")
+    for flag, values in (("--seeds", args.seeds), ("--energies", args.energies),
+                         ("--lr-factors", args.lr_factors), ("--methods", args.methods)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"{flag} lists a value twice: {','.join(map(str, values))}")
 
 
 def _config(args: argparse.Namespace, method: str) -> TrainConfig:
@@ -170,12 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_args(args)
         energies = [args.energy] if args.command == "train" else args.energies
-        for method in [args.method] if args.command == "train" else args.methods:
-            for energy in energies:  # bad settings: a clear error before any work
-                replace(_config(args, method), energy=energy).resolved()
         data = load_dataset(args.data, args.data_dir)
         if args.train_samples is not None:
             data = data.head(args.train_samples)
+        for method in [args.method] if args.command == "train" else args.methods:
+            for energy in energies:  # bad settings: a clear error before any work
+                cfg = replace(_config(args, method), energy=energy).resolved()
+                if method == "trp":
+                    check_trp(cfg, data)
+        if args.command == "compare" and args.val_fraction:
+            data.holdout(args.val_fraction)
     except (FileNotFoundError, ValueError) as exc:
         print(f"svdkern: error: {exc}", file=sys.stderr)
         return 2
@@ -191,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, data, progress: bool) -> dict:
     cfg = _config(args, args.method)
     result = run_method(cfg, data, progress=progress)[0]
-    # the dense model on the same budget (steps, data, truncation's optimizer)
-    dense = dense_baseline(_config(args, "truncate"), data, progress)
+    # the dense model on the same budget (steps: the method's batch size; data), with
+    # truncation's optimizer
+    dense = dense_baseline(replace(_config(args, "truncate"), batch_size=cfg.resolved().batch_size),
+                           data, progress)
     result[f"dense_{data.metric}"] = dense[data.metric]
     print(headline(result))
     print(result["table"])
@@ -216,7 +247,7 @@ def _cost(data) -> str:
 
 
 def compare(args: argparse.Namespace, data, progress: bool) -> dict:
-    study = Study(tuple(args.methods), tuple(args.energies), tuple(args.seeds),
+    study = Study(tuple(args.energies), tuple(args.seeds),
                   tuple(args.lr_factors), args.val_fraction, args.tolerance, _cost(data))
     payload = run_study({m: _config(args, m) for m in args.methods}, data, study, progress)
     table = compare_table(payload["rows"])
@@ -253,7 +284,8 @@ def headline(r: dict) -> str:
 
 def compare_table(rows: list[dict]) -> str:
     """Markdown: per method and energy, the mean (and sd) over seeds of the test score and
-    FLOPs; each method's operating point, chosen on validation, in bold."""
+    FLOPs; each method's operating point, chosen on validation, in bold (marked † instead
+    when no energy came within tolerance on validation: its best-scoring one)."""
     dense = rows[0]
     metric, unit, seeds = dense["metric"], dense["unit"], dense["seeds"]
     sd = " (sd)" if seeds > 1 else ""
@@ -265,8 +297,9 @@ def compare_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     digits = 2 if metric == "accuracy" else 3
     for r in rows:
-        bold = "**" if r["chosen"] else ""
-        cells = [r["method"], "-" if r["energy"] is None else f"{r['energy']:g}",
+        bold = "**" if r["within_tolerance"] else ""
+        cells = [r["method"] + (" †" if r["chosen"] and not r["within_tolerance"] else ""),
+                 "-" if r["energy"] is None else f"{r['energy']:g}",
                  f"{r['lr']:.3g}", f"{r['steps']:,}",
                  f"{bold}{r[f'{metric}_mean']:.{digits}f}{bold}"
                  + (f" ({r[f'{metric}_std']:.{digits}f})" if seeds > 1 else ""),
@@ -294,8 +327,8 @@ def study_line(study: Study, payload: dict) -> str:
                  f"data, seed {study.seeds[0]}): learning rates "
                  f"{', '.join(f'{f:.3g}' for f in study.lr_factors)} times each default; "
                  f"operating point (bold): the fewest FLOPs within {study.tolerance:g} "
-                 f"{'points' if metric == 'accuracy' else 'percent'} of dense on validation. "
-                 f"Chosen: {chosen}.")
+                 f"{'points' if metric == 'accuracy' else 'percent'} of dense on validation "
+                 f"(†: none was; the best-scoring energy). Chosen: {chosen}.")
     return text
 
 
@@ -317,7 +350,7 @@ Config: {', '.join(f'{k}={v}' for k, v in c.items())}
 
 Training time: {r['seconds']:.1f} s
 
-## Per-layer cost (svdkern.summary; FLOPs per sample)
+## Per-layer cost (svdkern.summary; FLOPs per {r['unit']})
 
 ```
 {r['table']}

@@ -5,16 +5,18 @@
 - Tuned on validation: each method's learning rate (the default times each of
   `lr_factors`) and its operating point (an energy threshold) are chosen on a validation
   split carved from the training data (`Dataset.holdout`), never on the test split. The
-  operating point is the energy with the fewest deployed FLOPs whose validation score is
-  within `tolerance` of the dense model's (accuracy: points below; perplexity: percent
-  above); if none is, the best-scoring energy. The learning rate is the one whose
-  operating point has the fewest FLOPs, ties broken by the score.
+  operating point is the energy with the fewest FLOPs (`Study.cost`: deployed, or the SVD
+  form's) whose validation score is within `tolerance` of the dense model's (accuracy:
+  points below; perplexity: percent above); if none is, the best-scoring energy, flagged
+  (`within_tolerance` False). The learning rate is the one whose operating point ranks
+  first by the same rule (`rank_key`).
 - Reported on test over seeds: with the chosen learning rates, every method runs on the
   whole training data for each seed and is scored on the test split; the table gives the
   mean and standard deviation over seeds at every energy, the chosen ones marked.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, replace
 
@@ -24,9 +26,8 @@ from .pipeline import TrainConfig, dense_baseline, run_method
 
 @dataclass(frozen=True)
 class Study:
-    """What `compare` runs: methods, energies, seeds and the tuning on validation."""
+    """What `compare` runs: energies, seeds and the tuning on validation."""
 
-    methods: tuple[str, ...]
     energies: tuple[float, ...]
     seeds: tuple[int, ...] = (0, 1, 2)
     lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)
@@ -42,11 +43,6 @@ def equal_steps(configs: dict[str, TrainConfig]) -> dict[str, TrainConfig]:
     if batch is None:
         batch = replace(next(iter(configs.values())), method="svd").resolved().batch_size
     return {m: replace(c, batch_size=batch) for m, c in configs.items()}
-
-
-def better(metric: str, a: float, b: float) -> bool:
-    """Whether score `a` beats `b` (higher accuracy, lower perplexity)."""
-    return a > b if metric == "accuracy" else a < b
 
 
 def within(metric: str, score: float, dense: float, tolerance: float) -> bool:
@@ -65,8 +61,14 @@ def rank_key(r: dict, dense: float, study: Study) -> tuple:
 
 
 def _signed(r: dict) -> float:
-    """The score, larger is better."""
-    return r[r["metric"]] if r["metric"] == "accuracy" else -r[r["metric"]]
+    """The score, larger is better; a diverged run (NaN, infinite perplexity) is worst."""
+    score = r[r["metric"]] if r["metric"] == "accuracy" else -r[r["metric"]]
+    return score if math.isfinite(score) else -math.inf
+
+
+def _dense_config(configs: dict[str, TrainConfig]) -> TrainConfig:
+    """The dense model's config: truncation's (its dense phase), else any method's settings."""
+    return replace(configs.get("truncate", next(iter(configs.values()))), method="truncate")
 
 
 def tune(configs: dict[str, TrainConfig], data: Dataset, study: Study,
@@ -76,7 +78,7 @@ def tune(configs: dict[str, TrainConfig], data: Dataset, study: Study,
     val = data.holdout(study.val_fraction)
     configs = {m: replace(c, seed=study.seeds[0]) for m, c in configs.items()}
     metric = val.metric
-    dense_cfg = replace(configs.get("truncate", next(iter(configs.values()))), method="truncate")
+    dense_cfg = _dense_config(configs)
     dense_runs = []
     for factor in study.lr_factors:
         cfg = replace(dense_cfg, lr=factor * dense_cfg.resolved().lr)
@@ -95,7 +97,8 @@ def tune(configs: dict[str, TrainConfig], data: Dataset, study: Study,
                 best = point
         chosen[method] = {"lr": best["config"]["lr"], "energy": best["energy"],
                           f"val_{metric}": best[metric],
-                          "val_flops_ratio": best[study.cost] / best["dense_flops"]}
+                          "val_flops_ratio": best[study.cost] / best["dense_flops"],
+                          "within_tolerance": rank_key(best, dense[metric], study)[0] == 0}
     return {"chosen": chosen, "dense_candidates": [
         {"lr": r["lr"], f"val_{metric}": r[metric]} for r in dense_runs],
         "candidates": candidates}
@@ -114,11 +117,11 @@ def run_study(configs: dict[str, TrainConfig], data: Dataset, study: Study,
     configs = equal_steps(configs)
     tuning = tune(configs, data, study, progress) if study.val_fraction else None
     lr = {m: tuning["chosen"][m]["lr"] for m in ("dense", *configs)} if tuning else {}
-    dense_cfg = replace(configs.get("truncate", next(iter(configs.values()))), method="truncate")
+    dense_cfg = _dense_config(configs)
     dense, results = [], []
     for seed in study.seeds:
-        dense.append(dense_baseline(replace(dense_cfg, seed=seed, lr=lr.get("dense")), data,
-                                    progress))
+        dense.append(dense_baseline(replace(dense_cfg, seed=seed, lr=lr.get("dense", dense_cfg.lr)),
+                                    data, progress))
         for method, cfg in configs.items():
             results += run_method(replace(cfg, seed=seed, lr=lr.get(method, cfg.lr)), data,
                                   list(study.energies), progress)
@@ -135,8 +138,10 @@ def aggregate(results: list[dict], dense: list[dict], tuning: dict | None,
     keys = list(dict.fromkeys((r["method"], r["energy"]) for r in results))
     for method, energy in keys:
         runs = [r for r in results if r["method"] == method and r["energy"] == energy]
-        chosen = bool(tuning) and tuning["chosen"][method]["energy"] == energy
-        rows.append(_row(method, energy, runs, metric, chosen, cost))
+        pick = tuning["chosen"][method] if tuning else None
+        chosen = pick is not None and pick["energy"] == energy
+        rows.append(_row(method, energy, runs, metric, chosen, cost)
+                    | {"within_tolerance": chosen and pick["within_tolerance"]})
     return rows
 
 
@@ -145,6 +150,7 @@ def _row(method: str, energy: float | None, runs: list[dict], metric: str, chose
     scores = [r[metric] for r in runs]
     ratios = [r[cost] / r.get("dense_flops", r["flops"]) for r in runs]
     return {"method": method, "energy": energy, "threshold": runs[0].get("threshold"),
+            "within_tolerance": False,
             "chosen": chosen, "seeds": len(runs), "metric": metric, "unit": runs[0]["unit"],
             "cost": cost,
             "lr": runs[0]["config"]["lr"] if "config" in runs[0] else runs[0]["lr"],

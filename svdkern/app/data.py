@@ -26,6 +26,7 @@ TEXT_FILES = ("argparse.py", "bisect.py", "calendar.py", "copy.py", "csv.py", "d
               "shlex.py", "string.py", "textwrap.py", "tokenize.py")
 TEXT_VOCAB = 128  # ASCII; every non-ASCII byte reads as token 127
 TEXT_CONTEXT = 64  # characters per training sequence
+TEXT_BLOCK = 100  # sequences per block of the text validation split (6,400 characters)
 
 
 @dataclass
@@ -63,16 +64,23 @@ class Dataset:
     def holdout(self, fraction: float) -> "Dataset":
         """A validation split carved from the training data: the returned Dataset trains
         on the rest and tests on the held-out part, so settings tuned on it never see the
-        test split. The same split for every run: a fixed shuffle for images, the last
-        `fraction` of the sequences for text (its neighbours stay out of training)."""
+        test split. The same split for every run: a fixed shuffle for images; for text the
+        last `fraction` of every block of `TEXT_BLOCK` consecutive sequences, so every
+        file is in both parts (as in the test split) and few held-out sequences border
+        training ones."""
         n = len(self.train_y)
         held = round(fraction * n)
         if not 0 < held < n:
             raise ValueError(f"validation fraction {fraction} of {n} training samples leaves "
                              "no validation or no training sample")
-        order = (torch.arange(n) if self.kind == "text" else
-                 torch.randperm(n, generator=torch.Generator().manual_seed(0)))
-        rest, val = order[:n - held], order[n - held:]
+        if self.kind == "text":
+            tail = torch.arange(n) % TEXT_BLOCK >= TEXT_BLOCK - round(fraction * TEXT_BLOCK)
+            if n < TEXT_BLOCK or tail.all() or not tail.any():
+                tail = torch.arange(n) >= n - held  # shorter than a block: its tail
+            rest, val = torch.nonzero(~tail).flatten(), torch.nonzero(tail).flatten()
+        else:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+            rest, val = order[:n - held], order[n - held:]
         return replace(self, name=f"{self.name} (validation split)",
                        train_x=self.train_x[rest], train_y=self.train_y[rest],
                        test_x=self.train_x[val], test_y=self.train_y[val])

@@ -20,6 +20,7 @@ import copy
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
@@ -247,8 +248,9 @@ def evaluate(model: nn.Module, data: Dataset, device: str) -> float:
         out, y = model(x.to(device)), y.to(device)
         hits += float(task_loss(out, y, "sum") if data.kind == "text" else
                       (out.argmax(1) == y).sum())
-    if data.kind == "text":
-        return math.exp(hits / data.test_y.numel())
+    if data.kind == "text":  # a diverged model's mean cross-entropy overflows exp: inf
+        mean = hits / data.test_y.numel()
+        return math.exp(mean) if mean < 700 else math.inf
     return 100.0 * hits / len(data.test_y)
 
 
@@ -387,9 +389,7 @@ def _run_trp(cfg: TrainConfig, data: Dataset, energies: list[float], progress: b
         t0 = time.perf_counter()
         run = Run(cfg, data, _fresh_model(cfg, data), progress)
         spec_init = dense_spectra(run.model, cfg.scheme)
-        trp = TRP(run.model, energy, cfg.nuclear, cfg.trp_period, cfg.scheme,
-                  rank_multiple=cfg.rank_multiple, schedule=cfg.trp_schedule,
-                  scope=cfg.trp_scope)
+        trp = make_trp(replace(cfg, energy=energy), run.model)
         run.train(range(cfg.epochs), f"trp e={energy}", after_backward=trp.after_backward,
                   after_step=trp.after_step)
         before = evaluate(run.model, data, cfg.device)
@@ -400,13 +400,27 @@ def _run_trp(cfg: TrainConfig, data: Dataset, energies: list[float], progress: b
     return results
 
 
+def make_trp(cfg: TrainConfig, model: nn.Module) -> TRP:
+    """TRP on `model` with the run's settings (built: truncates before the first step)."""
+    return TRP(model, cfg.energy, cfg.nuclear, cfg.trp_period, cfg.scheme,
+               rank_multiple=cfg.rank_multiple, schedule=cfg.trp_schedule, scope=cfg.trp_scope)
+
+
+def check_trp(cfg: TrainConfig, data: Dataset) -> None:
+    """TRP's ValueError, if any, for this run's model (a layer it refuses, a scope that
+    keeps nothing), before any training."""
+    make_trp(cfg, _fresh_model(cfg, data))
+
+
 def dense_baseline(cfg: TrainConfig, data: Dataset, progress: bool = False) -> dict:
     """The uncompressed reference: the dense model trained for all epochs (truncation's
     optimizer), with its score (accuracy or perplexity, `metric`) and dense cost."""
     cfg = replace(cfg, method="truncate").resolved()
     run = Run(cfg, data, _fresh_model(cfg, data), progress)
     run.train(range(cfg.epochs), "dense")
-    svd_form = decompose(copy.deepcopy(run.model), cfg.scheme)
+    with warnings.catch_warnings():  # a copy, only to count FLOPs
+        warnings.simplefilter("ignore", UserWarning)
+        svd_form = decompose(copy.deepcopy(run.model), cfg.scheme)
     c = costs(svd_form, data)
     return {"method": "dense", "metric": data.metric, "unit": data.unit,
             data.metric: evaluate(run.model, data, cfg.device), "lr": cfg.lr,

@@ -73,6 +73,10 @@ class TRP:
                                               frozen_unchecked=True))
         if scope == "official":
             self.layers = _official_scope(model, self.layers)
+            if not self.layers:
+                raise ValueError("TRP: scope='official' truncates only Conv2d layers with "
+                                 "kernels larger than 1x1, the first excepted, and this model "
+                                 "has none; use scope='all' (every matrix)")
         if not self.layers:
             raise ValueError("TRP: the model has no nn.Linear, nn.Conv1d/2d/3d, attention or "
                              "RNN layer to truncate")
@@ -251,6 +255,8 @@ class _Matrix:
 
     def add_to_grad(self, mats: Tensor, alpha: float) -> None:
         weight = self.weight
+        if not weight.requires_grad:  # frozen since the truncation this comes from
+            return
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         self._rows(weight.grad).add_(self._to_weight(mats), alpha=alpha)

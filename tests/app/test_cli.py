@@ -196,6 +196,13 @@ def test_train_char_lstm_on_text_reports_perplexity_per_token(tmp_path, capsys):
     (["train", "--model", "lstm"], "--model lstm does not read --data digits"),
     (["train", "--data", "text"], "--model cnn does not read --data text"),
     (["compare", "--val-fraction", "1"], "--val-fraction must be in [0, 1)"),
+    (["compare", "--lr-factors", "0,1"], "--lr-factors must be finite and > 0, got (0.0, 1.0)"),
+    (["compare", "--seeds", "0,0"], "--seeds lists a value twice: 0,0"),
+    (["compare", "--val-fraction", "0", "--tolerance", "2"], "--tolerance: read only when "
+                                                              "tuning"),
+    (["compare", "--train-samples", "2"], "validation fraction 0.2 of 2 training samples"),
+    (["train", "--model", "lstm", "--data", "text", "--method", "trp", "--trp-scope",
+      "official"], "TRP: scope='official' truncates only Conv2d layers"),
 ])
 def test_model_data_and_study_mismatches_are_clear_errors(tmp_path, capsys, argv, message):
     assert main(argv + ["--out", str(tmp_path / "o"), "--no-progress"]) == 2

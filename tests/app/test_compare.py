@@ -22,14 +22,14 @@ def _result(score, deployed, metric="accuracy", **extra):
 def test_operating_point_is_fewest_flops_within_tolerance(tolerance, expected):
     """Dense at 99%: 99.5% at 100, 98.5% at 50, 97% at 10 FLOPs."""
     results = [_result(99.5, 100), _result(98.5, 50), _result(97.0, 10)]
-    study = Study(("svd",), (0.1,), tolerance=tolerance)
+    study = Study((0.1,), tolerance=tolerance)
     best = min(results, key=lambda r: rank_key(r, 99.0, study))
     assert best["deployed_flops"] == expected
 
 
 def test_operating_point_without_any_within_tolerance_is_the_best_score():
     results = [_result(97.0, 10), _result(98.0, 80), _result(96.0, 5)]
-    best = min(results, key=lambda r: rank_key(r, 100.0, Study(("svd",), (0.1,))))
+    best = min(results, key=lambda r: rank_key(r, 100.0, Study((0.1,))))
     assert best["accuracy"] == 98.0
 
 
@@ -37,7 +37,7 @@ def test_perplexity_tolerance_is_percent_above_dense_and_ranks_by_chosen_cost():
     """Dense 10.0, 1%: up to 10.1. Ranked by the SVD form's FLOPs (`cost="flops"`)."""
     results = [_result(10.05, 80, "perplexity", flops=30), _result(10.2, 40, "perplexity"),
                _result(10.08, 60, "perplexity", flops=20)]
-    study = Study(("svd",), (0.1,), cost="flops")
+    study = Study((0.1,), cost="flops")
     best = min(results, key=lambda r: rank_key(r, 10.0, study))
     assert best["perplexity"] == 10.08  # 20 SVD-form FLOPs; by deployed ones 10.05 would win
 
@@ -49,7 +49,7 @@ def test_aggregate_mean_and_sd_over_seeds():
                     config={"lr": 1e-3})]
     dense = [{"metric": "accuracy", "accuracy": 99.5, "flops": 100, "deployed_flops": 100,
               "deployed_params": 100, "lr": 3e-3, "steps": 7, "unit": "sample"}] * 2
-    tuning = {"chosen": {"svd": {"energy": 0.1}}}
+    tuning = {"chosen": {"svd": {"energy": 0.1, "within_tolerance": True}}}
     dense_row, row = aggregate(runs, dense, tuning)
     assert dense_row["flops_ratio_mean"] == 1.0 and dense_row["accuracy_std"] == 0.0
     assert row["accuracy_mean"] == 98.5 and row["chosen"] and row["seeds"] == 2
@@ -97,7 +97,9 @@ def test_compare_tunes_on_validation_and_reports_test_over_seeds(tmp_path, capsy
     assert [sum(r["chosen"] for r in rows if r["method"] == m) for m in ("svd", "trp",
                                                                          "truncate")] == [1, 1, 1]
     table = capsys.readouterr().out
-    assert "test accuracy %, mean (sd) of 2" in table and table.count("**") == 3 * 4
+    within = [c["within_tolerance"] for m, c in tuning["chosen"].items() if m != "dense"]
+    assert "test accuracy %, mean (sd) of 2" in table
+    assert table.count("**") == 4 * sum(within) and table.count(" †") == within.count(False)
     md = (out / "compare.md").read_text()
     assert "20 optimizer steps" in md and "validation split (0.2 of the training data" in md
     assert table.splitlines()[0] in md
