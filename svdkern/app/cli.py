@@ -224,7 +224,7 @@ def train(args: argparse.Namespace, data, progress: bool) -> dict:
     # truncation's optimizer
     dense = dense_baseline(replace(_config(args, "truncate"), batch_size=cfg.resolved().batch_size),
                            data, progress)
-    result[f"dense_{data.metric}"] = dense[data.metric]
+    result[f"dense_{data.metric}"], result["dense_steps"] = dense[data.metric], dense["steps"]
     print(headline(result))
     print(result["table"])
     files = {"json": "result.json", "report": "report.md", "spectra": "spectra.png",

@@ -78,7 +78,7 @@ def plot_tradeoff(rows: list[dict], path: str) -> None:
     metric = dense["metric"]
     mean, std = f"{metric}_mean", f"{metric}_std"
     accuracy = metric == "accuracy"
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     scores = [r[mean] for r in rows] + [dense[mean]]
     # accuracy: the y axis shows at most 25 points below the best; lower points sit on the floor
     floor = max(min(scores) - 1, max(scores) - 25) if accuracy else -math.inf

@@ -38,6 +38,8 @@ def test_train_writes_json_report_plots(tmp_path, capsys, method, model):
     assert r["deployed_flops"] <= r["dense_flops"] and r["flops"] == r["summary"]["total"]["flops"]
     assert any(k < full for k, full in r["ranks"].values())  # energy 0.2 prunes something
     assert 0 <= r["dense_accuracy"] <= 100
+    # same budget: 300 samples at batch 128 (trp) or 32, two epochs
+    assert r["dense_steps"] == r["steps"] == (3 if method == "trp" else 10) * 2
     first = printed.splitlines()[0]  # the reduction, the accuracy and the dense model's first
     assert first == (f"{method} energy=0.2: {r['dense_flops'] / r['deployed_flops']:.1f}x fewer "
                      f"deployed FLOPs than dense at {r['accuracy']:.2f}% test accuracy (dense "
