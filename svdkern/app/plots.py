@@ -72,43 +72,52 @@ def plot_tradeoff(rows: list[dict], path: str) -> None:
     """Test score against FLOPs (fraction of dense, log scale): one line per method through
     its points (the mean over seeds, with the standard deviation as error bars when there
     are several), points labelled by pruning rule, and the dense model (1.0x) as a star
-    with its score as a dotted line. Rows are `compare.aggregate`'s, dense first. For
-    accuracy, points far below the best are drawn on the axis floor, labelled with it."""
+    with its score as a dotted line. Rows are `compare.aggregate`'s, dense first. Points
+    far worse than dense (accuracy over 25 points below the best, perplexity over 1.5x the
+    dense one) are drawn on the axis edge, labelled with their score."""
     dense, rows = rows[0], rows[1:]
     metric = dense["metric"]
     mean, std = f"{metric}_mean", f"{metric}_std"
     accuracy = metric == "accuracy"
     fig, ax = plt.subplots(figsize=(8, 4.8))
     scores = [r[mean] for r in rows] + [dense[mean]]
-    # accuracy: the y axis shows at most 25 points below the best; lower points sit on the floor
-    floor = max(min(scores) - 1, max(scores) - 25) if accuracy else -math.inf
+    if accuracy:  # the worst score the y axis shows; worse points sit on that edge
+        edge = max(min(scores) - 1, max(scores) - 25)
+        worse, clip, shown = (lambda v: v < edge), (lambda v: max(v, edge)), "{:.0f}%"
+    else:
+        edge = min(max(scores) + 0.1, 1.5 * dense[mean])
+        worse, clip, shown = (lambda v: v > edge), (lambda v: min(v, edge)), "{:.1f}"
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["flops_ratio_mean"])
         xs = [r["flops_ratio_mean"] for r in mine]
-        ys = [max(r[mean], floor) for r in mine]
+        ys = [clip(r[mean]) for r in mine]
         ax.errorbar(xs, ys, xerr=[r["flops_ratio_std"] for r in mine],
-                    yerr=[r[std] for r in mine], marker="o", color=COLORS.get(method),
-                    label=method, capsize=2)
+                    yerr=[0 if worse(r[mean]) else r[std] for r in mine], marker="o",
+                    color=COLORS.get(method), label=method, capsize=2)
         for i, (x, y, r) in enumerate(zip(xs, ys, mine)):
             label = (rule_label(r["threshold"], r["energy"]).replace("energy", "e")
                      .replace("threshold", "t") + (" *" if r["chosen"] else "")
-                     + (f" ({r[mean]:.0f}%)" if r[mean] < floor else ""))
+                     + (f" ({shown.format(r[mean])})" if worse(r[mean]) else ""))
             # alternate above and below the line, so neighbouring labels do not overlap
             ax.annotate(label, (x, y), fontsize=7, xytext=(4, 5 if i % 2 == 0 else -11),
                         textcoords="offset points", color=COLORS.get(method))
-    ax.plot([1.0], [max(dense[mean], floor)], marker="*", markersize=11, color=COLORS["dense"], ls="",
-            label=f"dense ({dense[mean]:.2f}{'%' if accuracy else ''})")
+    ax.plot([1.0], [clip(dense[mean])], marker="*", markersize=11, color=COLORS["dense"],
+            ls="", label=f"dense ({dense[mean]:.2f}{'%' if accuracy else ''})")
     ax.axhline(dense[mean], color=COLORS["dense"], ls=":", lw=1)
     ax.set_xscale("log")
     if accuracy:
-        ax.set_ylim(floor - 0.5, min(max(scores) + 1, 100.5))
+        ax.set_ylim(edge - 0.5, min(max(scores) + 1, 100.5))
+    else:
+        pad = 0.1 * (edge - min(scores)) + 0.05
+        ax.set_ylim(min(scores) - pad, edge + pad)
     unit = dense["unit"]
     form = "SVD-form" if dense["cost"] == "flops" else "deployed"
     ax.set_xlabel(f"{form} FLOPs per {unit} / dense FLOPs (log scale)")
     ax.set_ylabel("test accuracy (%)" if accuracy else f"test perplexity per {unit}")
     seeds = dense["seeds"]
     ax.set_title("score against compute" + (f", mean and sd of {seeds} seeds" if seeds > 1 else "")
-                 + "; e: energy threshold, t: value threshold, *: chosen on validation",
+                 + "; e: energy threshold, t: value threshold"
+                 + (", *: chosen on validation" if any(r["chosen"] for r in rows) else ""),
                  fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right" if accuracy else "upper right")
