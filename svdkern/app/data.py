@@ -65,9 +65,9 @@ class Dataset:
         """A validation split carved from the training data: the returned Dataset trains
         on the rest and tests on the held-out part, so settings tuned on it never see the
         test split. The same split for every run: a fixed shuffle for images; for text the
-        last `fraction` of every block of `TEXT_BLOCK` consecutive sequences, so every
-        file is in both parts (as in the test split) and few held-out sequences border
-        training ones."""
+        last `fraction` of every block of `TEXT_BLOCK` consecutive sequences, so the
+        held-out text is spread over the files (all but those shorter than a block's
+        tail), as the test split is, and few held-out sequences border training ones."""
         n = len(self.train_y)
         held = round(fraction * n)
         if not 0 < held < n:
