@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         for method in [args.method] if args.command == "train" else args.methods:
             for energy in energies:  # bad settings: a clear error before any work
                 cfg = replace(_config(args, method), energy=energy).resolved()
-                if method == "trp":
-                    check_trp(cfg, data)
+            if method == "trp":  # what TRP refuses does not depend on the energy
+                check_trp(cfg, data)
         if args.command == "compare" and args.val_fraction:
             data.holdout(args.val_fraction)
     except (FileNotFoundError, ValueError) as exc:
@@ -262,17 +262,21 @@ def compare(args: argparse.Namespace, data, progress: bool) -> dict:
     return payload
 
 
+def _value(metric: str, value: float) -> str:
+    """A score as printed: accuracy in percent, perplexity to three decimals."""
+    return f"{value:.2f}%" if metric == "accuracy" else f"{value:.3f}"
+
+
 def _score(metric: str, value: float) -> str:
-    return f"{value:.2f}% test accuracy" if metric == "accuracy" else f"test perplexity {value:.3f}"
+    return (f"{_value(metric, value)} test accuracy" if metric == "accuracy" else
+            f"test perplexity {_value(metric, value)}")
 
 
 def headline(r: dict) -> str:
     """The reduction, the score and the dense model's first; the details after."""
     metric, unit = r["metric"], r["unit"]
     dense = r.get(f"dense_{metric}")
-    dense = "" if dense is None else (
-        f" (dense model, same budget: {dense:.2f}%)" if metric == "accuracy" else
-        f" (dense model, same budget: {dense:.3f})")
+    dense = "" if dense is None else f" (dense model, same budget: {_value(metric, dense)})"
     rule = rule_label(r["threshold"], r["energy"])
     before = r[f"{metric}_before"]
     return (f"{r['method']} {rule}: {r['dense_flops'] / r['deployed_flops']:.1f}x "

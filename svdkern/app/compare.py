@@ -86,19 +86,17 @@ def tune(configs: dict[str, TrainConfig], data: Dataset, study: Study,
     dense = max(dense_runs, key=_signed)
     chosen, candidates = {"dense": {"lr": dense["lr"], f"val_{metric}": dense[metric]}}, []
     for method, base in configs.items():
-        best = None
-        for factor in study.lr_factors:
-            cfg = replace(base, lr=factor * base.resolved().lr)
-            results = run_method(cfg, val, list(study.energies), progress)
-            candidates += [_brief(r, study.cost) for r in results]
-            point = min(results, key=lambda r: rank_key(r, dense[metric], study))
-            if best is None or rank_key(point, dense[metric], study) < rank_key(
-                    best, dense[metric], study):
-                best = point
+        results = [r for factor in study.lr_factors
+                   for r in run_method(replace(base, lr=factor * base.resolved().lr), val,
+                                       list(study.energies), progress)]
+        candidates += [_brief(r, study.cost) for r in results]
+        # the best operating point over every learning rate
+        best = min(results, key=lambda r: rank_key(r, dense[metric], study))
         chosen[method] = {"lr": best["config"]["lr"], "energy": best["energy"],
                           f"val_{metric}": best[metric],
                           "val_flops_ratio": best[study.cost] / best["dense_flops"],
-                          "within_tolerance": rank_key(best, dense[metric], study)[0] == 0}
+                          "within_tolerance": within(metric, best[metric], dense[metric],
+                                                     study.tolerance)}
     return {"chosen": chosen, "dense_candidates": [
         {"lr": r["lr"], f"val_{metric}": r[metric]} for r in dense_runs],
         "candidates": candidates}
@@ -134,32 +132,41 @@ def aggregate(results: list[dict], dense: list[dict], tuning: dict | None,
     """Mean and standard deviation over seeds per (method, energy), dense first; `chosen`
     marks each method's operating point from the tuning."""
     metric = dense[0]["metric"]
-    rows = [_row("dense", None, dense, metric, False, cost)]
+    rows = [_row("dense", None, dense, metric, cost)]
     keys = list(dict.fromkeys((r["method"], r["energy"]) for r in results))
     for method, energy in keys:
         runs = [r for r in results if r["method"] == method and r["energy"] == energy]
         pick = tuning["chosen"][method] if tuning else None
         chosen = pick is not None and pick["energy"] == energy
-        rows.append(_row(method, energy, runs, metric, chosen, cost)
-                    | {"within_tolerance": chosen and pick["within_tolerance"]})
+        rows.append(_row(method, energy, runs, metric, cost, chosen,
+                         chosen and pick["within_tolerance"]))
     return rows
 
 
-def _row(method: str, energy: float | None, runs: list[dict], metric: str, chosen: bool,
-         cost: str) -> dict:
+def _row(method: str, energy: float | None, runs: list[dict], metric: str, cost: str,
+         chosen: bool = False, within_tolerance: bool = False) -> dict:
     scores = [r[metric] for r in runs]
-    ratios = [r[cost] / r.get("dense_flops", r["flops"]) for r in runs]
+    ratios = [r[cost] / _dense_flops(r) for r in runs]
     return {"method": method, "energy": energy, "threshold": runs[0].get("threshold"),
-            "within_tolerance": False,
+            "within_tolerance": within_tolerance,
             "chosen": chosen, "seeds": len(runs), "metric": metric, "unit": runs[0]["unit"],
             "cost": cost,
             "lr": runs[0]["config"]["lr"] if "config" in runs[0] else runs[0]["lr"],
             "steps": runs[0]["steps"], f"{metric}_mean": statistics.fmean(scores),
-            f"{metric}_std": statistics.stdev(scores) if len(runs) > 1 else 0.0,
-            "flops_ratio_mean": statistics.fmean(ratios),
-            "flops_ratio_std": statistics.stdev(ratios) if len(runs) > 1 else 0.0,
-            "deployed_ratio_mean": statistics.fmean(
-                r["deployed_flops"] / r.get("dense_flops", r["flops"]) for r in runs),
+            f"{metric}_std": _sd(scores),
+            "flops_ratio_mean": statistics.fmean(ratios), "flops_ratio_std": _sd(ratios),
+            "deployed_ratio_mean": statistics.fmean(r["deployed_flops"] / _dense_flops(r)
+                                                    for r in runs),
             "deployed_flops_mean": statistics.fmean(r["deployed_flops"] for r in runs),
             "deployed_params_mean": statistics.fmean(r["deployed_params"] for r in runs),
             "factored_flops_mean": statistics.fmean(r["flops"] for r in runs)}
+
+
+def _dense_flops(r: dict) -> int:
+    """The dense cost of a result (a dense model's own FLOPs are its dense cost)."""
+    return r.get("dense_flops", r["flops"])
+
+
+def _sd(values: list[float]) -> float:
+    """The sample standard deviation; 0 for one value."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0

@@ -86,8 +86,9 @@ class TRP:
         self.period = period
         self.scheme = scheme
         self.rank_multiple = rank_multiple
-        self.targets = {key: target for name, layer in self.layers.items()
-                        for key, target in _targets(name, layer).items()}
+        # each layer's matrices, and all of them by `ranks`' key
+        self._by_layer = {name: _targets(name, layer) for name, layer in self.layers.items()}
+        self.targets = {t.key: t for targets in self._by_layer.values() for t in targets}
         self.ranks: dict[str, int] = {}  # rank of each matrix's last truncation
         self.schedule = schedule
         self.steps = 0
@@ -107,23 +108,20 @@ class TRP:
         decompose would check it) the first time it trains, so a layer unfrozen later is
         checked then."""
         names = [name for name, layer in self.layers.items()
-                 if any(t.weight.requires_grad for t in self._of(name))]
+                 if any(t.weight.requires_grad for t in self._by_layer[name])]
         for name in names:
             if name not in self._checked:  # frozen layers are never read: left alone
                 layer = self.layers[name]
                 check_layer(name, layer, tied_to(self.model, layer))
-                for target in self._of(name):
+                for target in self._by_layer[name]:
                     target.check(self.scheme)
                     self.ranks[target.key] = target.full_rank(self.scheme)
                 self._checked.add(name)
         return names
 
-    def _of(self, name: str) -> list["_Matrix"]:
-        return [t for t in self.targets.values() if t.layer == name]
-
     def _trained_targets(self) -> list["_Matrix"]:
-        trained = set(self.trained())
-        return [t for t in self.targets.values() if t.layer in trained and t.weight.requires_grad]
+        return [t for name in self.trained() for t in self._by_layer[name]
+                if t.weight.requires_grad]
 
     @torch.no_grad()
     def low_rank_parts(self) -> dict[str, tuple[Tensor, Tensor, Tensor, int]]:
@@ -196,7 +194,7 @@ class TRP:
         for name in self.trained():
             layer = out.get_submodule(name)
             label = name or type(layer).__name__
-            ranks = {t.block_key: self.ranks[t.key] for t in self._of(name)}
+            ranks = {t.block_key: self.ranks[t.key] for t in self._by_layer[name]}
             if isinstance(layer, nn.Linear):
                 replacements[name] = SVDLinear.from_dense(layer, rank=ranks[None], name=label)
             elif type(layer) in SVD_CONVS:
@@ -215,7 +213,7 @@ class _Matrix:
 
     def __init__(self, layer: str, module: nn.Module, param: str, block_key: str | None,
                  block: int, blocks: int) -> None:
-        self.layer, self.module, self.param = layer, module, param
+        self.module, self.param = module, param
         self.block_key, self.block, self.blocks = block_key, block, blocks
         self.key = layer if block_key is None else ".".join(p for p in (layer, block_key) if p)
         self.label = self.key or type(module).__name__
@@ -262,16 +260,14 @@ class _Matrix:
         self._rows(weight.grad).add_(self._to_weight(mats), alpha=alpha)
 
 
-def _targets(name: str, layer: nn.Module) -> dict[str, _Matrix]:
-    """The matrices of one layer TRP truncates, by `ranks`' key."""
+def _targets(name: str, layer: nn.Module) -> list[_Matrix]:
+    """The matrices of one layer TRP truncates."""
     kind = layer_kind(layer)
     if kind not in COMPOSITES:
-        targets = [_Matrix(name, layer, "weight", None, 0, 1)]
-    else:
-        targets = [_Matrix(name, layer, pname, key, i, len(keys))
-                   for pname, keys in COMPOSITES[kind].layout(layer).items()
-                   for i, key in enumerate(keys)]
-    return {t.key: t for t in targets}
+        return [_Matrix(name, layer, "weight", None, 0, 1)]
+    return [_Matrix(name, layer, pname, key, i, len(keys))
+            for pname, keys in COMPOSITES[kind].layout(layer).items()
+            for i, key in enumerate(keys)]
 
 
 # the torch layers TRP truncates: every kind decompose converts but transformers' Conv1D
